@@ -1,0 +1,328 @@
+"""Stage 3, capture: the trunk with opaque holes, and one graph per distinct block, on meta.
+
+The trunk replaces each block by a call to the custom op ``shardex::hole``. Its fake kernel
+re-runs the real block on empty fake parameters so symbolic shapes flow through, memoized per
+(group, input shapes) so trunk capture cost stays flat in depth. The op translates to one node
+``shardex.holes::HoleN`` (N outputs) that the stitch stage replaces with a function call.
+
+Every piece comes back weightless: its parameters and buffers are trailing graph inputs, so the
+onnxscript optimizer can run (it cannot fold meta data) and weights can be bound later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+import torch
+from onnx import defs
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from shardex._errors import CaptureError
+from shardex._plan import CallSignature, Plan, TensorSpec
+from shardex._source import build_skeleton
+
+logger = logging.getLogger("shardex")
+
+HOLE_DOMAIN = "shardex.holes"
+BLOCK_PREFIX = "block."
+
+
+@dataclasses.dataclass
+class CapturedPiece:
+    """A weightless ONNX graph; `weight_inputs` names its trailing weight inputs in order."""
+
+    name: str
+    model_bytes: bytes
+    weight_inputs: list[str]
+    seconds: float
+
+    def load(self) -> ir.Model:
+        return ir.serde.deserialize_model(onnx.ModelProto.FromString(self.model_bytes))
+
+
+# --- the hole op ---------------------------------------------------------------------------
+
+# key -> (block on meta, call signature, group id); set only inside `_holes_registered`.
+_HOLES: dict[str, tuple[nn.Module, CallSignature, int]] = {}
+_FAKE_OUTPUTS: dict[tuple, list[tuple[torch.Size, torch.dtype]]] = {}
+
+
+@torch.library.custom_op("shardex::hole", mutates_args=())
+def _hole(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    raise RuntimeError("Bug: shardex::hole only exists inside a trunk capture and is never run")
+
+
+@_hole.register_fake
+def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    block, call, group = _HOLES[key]
+    memo_key = (group, tuple(str(tuple(t.shape)) for t in inputs))
+    if memo_key not in _FAKE_OUTPUTS:
+        device = inputs[0].device if inputs else torch.device("meta")
+        params = {
+            n: torch.empty(t.shape, dtype=t.dtype, device=device)
+            for n, t in [*block.named_parameters(), *block.named_buffers()]
+        }
+        args, kwargs = call.unflatten_inputs(inputs)
+        output = torch.func.functional_call(block, params, args, kwargs)
+        leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
+        _FAKE_OUTPUTS[memo_key] = [(t.shape, t.dtype) for t in leaves]
+    like = inputs[0]
+    return [like.new_empty(shape, dtype=dtype) for shape, dtype in _FAKE_OUTPUTS[memo_key]]
+
+
+def _hole_schema_name(num_outputs: int) -> str:
+    """Register (once) an ONNX schema ``HoleN`` with variadic inputs and N outputs; the torch.onnx
+    builder needs a schema and takes the output count from it."""
+    name = f"Hole{num_outputs}"
+    if not defs.has(name, HOLE_DOMAIN):
+        param = defs.OpSchema.FormalParameter
+        variadic = defs.OpSchema.FormalParameterOption.Variadic
+        all_tensors = [
+            f"tensor({t})"
+            for t in (
+                "float",
+                "float16",
+                "bfloat16",
+                "double",
+                "int64",
+                "int32",
+                "int16",
+                "int8",
+                "uint8",
+                "bool",
+            )
+        ]
+        defs.register_schema(
+            defs.OpSchema(
+                name,
+                HOLE_DOMAIN,
+                1,
+                inputs=[param("inputs", "T", param_option=variadic, is_homogeneous=False)],
+                outputs=[param(f"output_{i}", "T") for i in range(num_outputs)],
+                type_constraints=[("T", all_tensors, "any tensor")],
+                attributes=[defs.OpSchema.Attribute("key", defs.OpSchema.AttrType.STRING, "hole path")],
+            )
+        )
+    return name
+
+
+def _translate_hole(inputs, key: str):
+    from onnxscript import values
+
+    _, call, _ = _HOLES[key]
+    op = values.Opset(HOLE_DOMAIN, 1)[_hole_schema_name(len(call.outputs))]
+    outputs = op(*inputs, key=key)
+    # A list, even of one: torch.onnx then indexes it directly instead of emitting SequenceAt.
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+class _HoleModule(nn.Module):
+    """Stands in for a block in the trunk: flattens the call, emits one hole op, rebuilds the output."""
+
+    def __init__(self, key: str, call: CallSignature) -> None:
+        super().__init__()
+        self.key = key
+        self.call = call
+
+    def forward(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        constants = [x for x in leaves if not isinstance(x, torch.Tensor)]
+        expected = [x for x in self.call.leaves if not isinstance(x, TensorSpec)]
+        if len(tensors) != len(self.call.inputs) or repr(constants) != repr(expected):
+            raise CaptureError(
+                f"block {self.key} is called differently during export than when it was recorded "
+                f"({len(tensors)} tensors, constants {constants!r} vs {expected!r}).",
+                piece="trunk",
+            )
+        outputs = torch.ops.shardex.hole(tensors, self.key)
+        return self.call.unflatten_outputs(outputs)
+
+
+@contextlib.contextmanager
+def _holes_registered(holes: dict[str, tuple[nn.Module, CallSignature, int]]) -> Iterator[None]:
+    _HOLES.update(holes)
+    try:
+        yield
+    finally:
+        for key in holes:
+            _HOLES.pop(key, None)
+        _FAKE_OUTPUTS.clear()
+
+
+# --- captures ------------------------------------------------------------------------------
+
+
+def capture_trunk(plan: Plan) -> CapturedPiece:
+    """Capture the model with every block replaced by a hole node."""
+    start = time.perf_counter()
+    model = build_skeleton(plan.source, plan.dtype).to("meta")
+    holes = {}
+    for group in plan.groups:
+        for path in group.members:
+            holes[path] = (model.get_submodule(path), group.call, group.id)
+            model.set_submodule(path, _HoleModule(path, group.call))
+    example = plan.example
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (example.args, example.kwargs))
+    dynamic = _export_dynamic_shapes(model, args, kwargs, example.dynamic_axes)
+    with _holes_registered(holes):
+        onnx_model = _export(
+            "trunk",
+            model,
+            args,
+            kwargs,
+            dynamic,
+            plan.opset,
+            {torch.ops.shardex.hole.default: _translate_hole},
+        )
+    _name_dynamic_axes(onnx_model, example.dynamic_axes)
+    weights = _initializers_to_inputs(onnx_model, prefix="")
+    _optimize(onnx_model)
+    return CapturedPiece("trunk", _serialize(onnx_model), weights, time.perf_counter() - start)
+
+
+class _FlatBlock(nn.Module):
+    """A block called with the hole's flat tensor inputs, returning its flat tensor outputs:
+    exactly the hole's contract, dynamic dims included."""
+
+    def __init__(self, block: nn.Module, call: CallSignature) -> None:
+        super().__init__()
+        self.block = block
+        self.call = call
+
+    def forward(self, *tensors):
+        args, kwargs = self.call.unflatten_inputs(tensors)
+        output = self.block(*args, **kwargs)
+        return tuple(x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor))
+
+
+def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
+    """Capture one distinct block (the group's first member) as a standalone weightless graph."""
+    start = time.perf_counter()
+    group = plan.groups[group_id]
+    model = build_skeleton(plan.source, plan.dtype).to("meta")
+    block = model.get_submodule(group.members[0])
+    inputs = tuple(
+        torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in group.call.inputs
+    )
+    # forward(*tensors) has one varargs parameter: its spec is a tuple nested in a 1-tuple
+    dynamic = (tuple({d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in group.call.inputs),)
+    onnx_model = _export(
+        group.function_name, _FlatBlock(block, group.call), inputs, {}, dynamic, plan.opset, None
+    )
+    weights = _initializers_to_inputs(onnx_model, prefix=BLOCK_PREFIX)
+    expected = group.weight_names
+    if sorted(weights) != sorted(expected):
+        extra = sorted(set(weights) - set(expected))
+        raise CaptureError(
+            f"block {group.function_name} captured tensors that are not its parameters or buffers: "
+            f"{extra[:3]}; tensor constants created in forward are not supported yet.",
+            piece=group.function_name,
+        )
+    _reorder_weight_inputs(onnx_model, weights, expected)
+    _optimize(onnx_model)
+    return CapturedPiece(group.function_name, _serialize(onnx_model), expected, time.perf_counter() - start)
+
+
+def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> ir.Model:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                args,
+                kwargs=kwargs or None,
+                dynamic_shapes=dynamic_shapes,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+                opset_version=opset,
+                custom_translation_table=translations,
+            )
+    except Exception as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        summary = (str(root).strip().splitlines() or [""])[0]
+        raise CaptureError(f"capturing {piece} failed: {type(root).__name__}: {summary}", piece=piece) from e
+    return program.model
+
+
+def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
+    """Our per-tensor axis dicts, in the nested form torch.export expects."""
+    if not any(dynamic_axes):
+        return None
+    axes = iter(dynamic_axes)
+
+    def dims(x):
+        if not isinstance(x, torch.Tensor):
+            return None
+        return {d: torch.export.Dim.DYNAMIC for d in next(axes)} or None
+
+    args_spec, kwargs_spec = pytree.tree_map(dims, (args, kwargs))
+    if not kwargs:
+        return tuple(args_spec)
+    params = list(inspect.signature(model.forward).parameters)
+    return {**dict(zip(params, args_spec)), **kwargs_spec}
+
+
+def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> None:
+    """Rename the exporter's symbols (s0, s1) to the user's axis names everywhere they appear."""
+    renames: dict[str, str] = {}
+    for value, axes in zip(model.graph.inputs, dynamic_axes):
+        for dim, name in axes.items():
+            symbol = value.shape[dim] if value.shape is not None else None
+            if isinstance(symbol, ir.SymbolicDim) and symbol.value:
+                renames.setdefault(symbol.value, name)
+    if not renames:
+        return
+    for value in [*model.graph.inputs, *model.graph.outputs, *(o for n in model.graph for o in n.outputs)]:
+        if value.shape is not None:
+            dims = [
+                renames.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
+            ]
+            value.shape = ir.Shape(dims)
+
+
+def _initializers_to_inputs(model: ir.Model, *, prefix: str) -> list[str]:
+    """Turn every (meta, valueless) initializer into a trailing graph input; return their names
+    with `prefix` removed."""
+    graph = model.graph
+    names = []
+    for name, value in list(graph.initializers.items()):
+        graph.initializers.pop(name)
+        value.const_value = None
+        graph.inputs.append(value)
+        value.name = name.removeprefix(prefix)
+        names.append(value.name)
+    return names
+
+
+def _reorder_weight_inputs(model: ir.Model, current: list[str], wanted: list[str]) -> None:
+    graph = model.graph
+    n_data = len(graph.inputs) - len(current)
+    by_name = {v.name: v for v in graph.inputs[n_data:]}
+    data = list(graph.inputs[:n_data])
+    graph.inputs.clear()
+    graph.inputs.extend([*data, *(by_name[n] for n in wanted)])
+
+
+def _optimize(model: ir.Model) -> None:
+    import onnxscript.optimizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnxscript.optimizer.optimize_ir(model)
+
+
+def _serialize(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()

@@ -1,0 +1,559 @@
+"""Stage 2, plan: holes, their recorded calls, block groups and the weight shard layout.
+
+The plan is plain data: it pickles (to ship to workers) and prints as JSON (for the manifest).
+Everything later stages need is decided here, so capture and weight streaming can run in
+parallel and produce the same bytes whatever order they finish in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import inspect
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from shardex._dtypes import dtype_name
+from shardex._errors import PlanError, SourceError
+from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint
+
+logger = logging.getLogger("shardex")
+
+SHARD_ALIGNMENT = 4096  # ONNX Runtime mmaps external data only at page-aligned offsets
+EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
+# Attributes that legitimately differ between otherwise identical layers and never change the graph.
+PER_LAYER_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "idx"})
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one tensor crossing a boundary; `dynamic` lists the dims that vary."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    dynamic: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSignature:
+    """How a block is called: the flattened (args, kwargs) with tensors replaced by specs."""
+
+    in_spec: pytree.TreeSpec
+    leaves: tuple[Any, ...]  # TensorSpec for tensor leaves, the constant value otherwise
+    out_spec: pytree.TreeSpec
+    out_leaves: tuple[Any, ...]
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [x for x in self.leaves if isinstance(x, TensorSpec)]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [x for x in self.out_leaves if isinstance(x, TensorSpec)]
+
+    def unflatten_inputs(self, tensors) -> tuple[tuple, dict]:
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(x, TensorSpec) else x for x in self.leaves]
+        return pytree.tree_unflatten(leaves, self.in_spec)
+
+    def unflatten_outputs(self, tensors):
+        it = iter(tensors)
+        leaves = [next(it) if isinstance(x, TensorSpec) else x for x in self.out_leaves]
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+@dataclasses.dataclass
+class BlockGroup:
+    """Structurally identical blocks: captured once, stitched as one ONNX function."""
+
+    id: int
+    function_name: str
+    class_name: str
+    members: list[str]
+    call: CallSignature
+    weight_names: list[str]  # block-relative parameter/buffer names, in function-input order
+
+
+@dataclasses.dataclass
+class TensorEntry:
+    """One stored tensor: its canonical name, where it comes from and where it goes."""
+
+    name: str
+    aliases: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str  # dtype in the export (the skeleton's)
+    source: TensorLocation | None  # None: held in the coordinator's memory
+    shard: str = ""
+    offset: int = 0
+    nbytes: int = 0
+
+
+@dataclasses.dataclass
+class ShardSpec:
+    file: str
+    size: int
+    tensors: list[str]
+    from_memory: bool
+
+
+@dataclasses.dataclass
+class ExampleInputs:
+    """Real example inputs (args, kwargs ordered like forward's signature) and dynamic axes."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    # per flattened tensor input: {dim: axis name}
+    dynamic_axes: list[dict[int, str]]
+
+    def flat_tensors(self) -> list[torch.Tensor]:
+        return [x for x in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(x, torch.Tensor)]
+
+    def resized(self, extra: int = 3) -> ExampleInputs:
+        """The same inputs grown by `extra` along every dynamic axis (values wrap around), used
+        to find which hole dims are dynamic and to verify at sizes other than the example's."""
+        dims_by_tensor = iter(self.dynamic_axes)
+
+        def grow(x):
+            if not isinstance(x, torch.Tensor):
+                return x
+            for dim in next(dims_by_tensor):
+                size = x.shape[dim]
+                x = x.index_select(dim, torch.arange(size + extra) % size)
+            return x
+
+        args, kwargs = pytree.tree_map(grow, (self.args, self.kwargs))
+        return ExampleInputs(args, kwargs, self.dynamic_axes)
+
+
+@dataclasses.dataclass
+class Plan:
+    source: Source
+    dtype: torch.dtype | None  # requested conversion, None keeps the model's dtypes
+    example: ExampleInputs
+    groups: list[BlockGroup]
+    tensors: list[TensorEntry]
+    shards: list[ShardSpec]
+    opset: int | None
+    alias_to_name: dict[str, str]
+
+    @property
+    def hole_paths(self) -> list[str]:
+        return [path for group in self.groups for path in group.members]
+
+    def group_of(self, path: str) -> BlockGroup:
+        for group in self.groups:
+            if path in group.members:
+                return group
+        raise KeyError(path)
+
+    def entry(self, name: str) -> TensorEntry:
+        return self._entries[self.alias_to_name[name]]
+
+    @property
+    def _entries(self) -> dict[str, TensorEntry]:
+        return {t.name: t for t in self.tensors}
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source.describe(),
+            "dtype": dtype_name(self.dtype) if self.dtype else None,
+            "opset": self.opset,
+            "example_inputs": {
+                "shapes": [list(t.shape) for t in self.example.flat_tensors()],
+                "dynamic_axes": [{str(k): v for k, v in d.items()} for d in self.example.dynamic_axes],
+            },
+            "groups": [
+                {
+                    "function": g.function_name,
+                    "class": g.class_name,
+                    "members": g.members,
+                    "inputs": [dataclasses.asdict(s) for s in g.call.inputs],
+                    "outputs": [dataclasses.asdict(s) for s in g.call.outputs],
+                    "constants": [repr(x) for x in g.call.leaves if not isinstance(x, TensorSpec)],
+                }
+                for g in self.groups
+            ],
+            "tensors": len(self.tensors),
+            "shards": [dataclasses.asdict(s) | {"tensors": len(s.tensors)} for s in self.shards],
+        }
+
+
+def parse_size(size: int | str) -> int:
+    """`"1GB"` / `"512MiB"` / `1073741824` -> bytes."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size, re.IGNORECASE)
+        if not match:
+            raise ValueError(f"max_shard_size must look like 1073741824, '1GB' or '512MiB', got {size!r}.")
+        number, unit, binary = match.groups()
+        base = 1024 if binary else 1000
+        value = int(float(number) * (base ** ("KMGT".index(unit.upper()) + 1) if unit else 1))
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be greater than 0, got {size!r}.")
+    return value
+
+
+def make_plan(
+    source: Source,
+    *,
+    dtype: torch.dtype | None,
+    args: tuple | None,
+    kwargs: dict | None,
+    dynamic_shapes: Any,
+    block_pattern: str | None,
+    max_shard_size: int,
+    opset: int | None,
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Plan the export. Returns the plan and the tensors the coordinator itself must supply
+    (non-persistent buffers; every tensor of an in-memory module)."""
+    skeleton = build_skeleton(source, dtype)
+    names = _tensor_names(skeleton)
+    hole_paths = find_holes(skeleton, block_pattern)
+    example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
+    memory = _memory_tensors(source, skeleton)
+    checkpoint = index_checkpoint(source.files) if source.files else {}
+    tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
+    memory = {t.name: memory[t.name] for t in tensors if t.source is None}
+    skeleton.to("meta")
+    calls = record_calls(skeleton, hole_paths, example)
+    groups = _group_blocks(skeleton, hole_paths, calls)
+    shards = _assign_shards(tensors, max_shard_size)
+    alias_to_name = {alias: t.name for t in tensors for alias in t.aliases}
+    plan = Plan(source, dtype, example, groups, tensors, shards, opset, alias_to_name)
+    return plan, memory
+
+
+def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> every name it has (tied weights have several), in registration order."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        names.setdefault(id(tensor), []).append(name)
+    return names
+
+
+def find_holes(model: nn.Module, block_pattern: str | None) -> list[str]:
+    """Module paths of the blocks to capture once per distinct kind.
+
+    Default: the members of the largest `nn.ModuleList` whose members all share one class.
+    `block_pattern` is an fnmatch pattern over module paths, e.g. ``"model.layers.*"``.
+    """
+    if block_pattern:
+        paths = [n for n, _ in model.named_modules() if n and fnmatch.fnmatchcase(n, block_pattern)]
+        # Keep outermost matches only: a hole inside a hole is meaningless.
+        paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+        if not paths:
+            raise PlanError(
+                f"block pattern {block_pattern!r} matches no module; module paths look like "
+                f"{_sample_paths(model)}."
+            )
+        return paths
+    best: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= 2:
+            if len({type(m) for m in module}) == 1 and (best is None or len(module) > best[0]):
+                best = (len(module), name)
+    if best is None:
+        raise PlanError(
+            f"{type(model).__name__} has no nn.ModuleList of two or more same-class blocks; "
+            "pass block_pattern= (--blocks) naming the repeated modules, e.g. 'layers.*'."
+        )
+    return [f"{best[1]}.{i}" if best[1] else str(i) for i in range(best[0])]
+
+
+def _sample_paths(model: nn.Module) -> str:
+    return ", ".join(n for n, _ in list(model.named_modules())[1:6])
+
+
+def _example_inputs(model: nn.Module, args, kwargs, dynamic_shapes) -> ExampleInputs:
+    """Explicit inputs, or token ids (plus attention mask) for models with a vocabulary."""
+    if args is None and kwargs is None:
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not vocab:
+            raise PlanError(
+                f"cannot generate example inputs for {type(model).__name__} (it has no "
+                "config.vocab_size); pass args=/kwargs= like torch.onnx.export."
+            )
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator)
+        kwargs = {"input_ids": ids}
+        if "attention_mask" in inspect.signature(model.forward).parameters:
+            kwargs["attention_mask"] = torch.ones_like(ids)
+        if dynamic_shapes is None:
+            dynamic_shapes = {k: {0: "batch", 1: "sequence"} for k in kwargs}
+    args = tuple(args or ())
+    kwargs = _order_like_signature(model, dict(kwargs or {}))
+    axes = _dynamic_axes(args, kwargs, dynamic_shapes)
+    return ExampleInputs(args, kwargs, axes)
+
+
+def _order_like_signature(model: nn.Module, kwargs: dict) -> dict:
+    params = list(inspect.signature(model.forward).parameters)
+    return dict(
+        sorted(kwargs.items(), key=lambda kv: params.index(kv[0]) if kv[0] in params else len(params))
+    )
+
+
+def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, str]]:
+    """Per flattened tensor input, its dynamic axes, from a torch.export-like spec whose leaves
+    are ``{dim: "name"}`` dicts (a dict keyed by kwarg name, or a tuple matching args)."""
+    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    if dynamic_shapes is None:
+        return [{} for _ in tensors]
+    if isinstance(dynamic_shapes, dict) and not kwargs and args:
+        raise PlanError("dynamic_shapes is a dict but the inputs are positional; pass a tuple matching args.")
+    if isinstance(dynamic_shapes, dict):
+        unknown = set(dynamic_shapes) - set(kwargs)
+        if unknown:
+            raise PlanError(
+                f"dynamic_shapes names {sorted(unknown)}, which are not inputs; inputs are {list(kwargs)}."
+            )
+        per_input = [None] * len(args) + [dynamic_shapes.get(k) for k in kwargs]
+    else:
+        per_input = list(dynamic_shapes) + [None] * (len(args) + len(kwargs) - len(dynamic_shapes))
+    axes = []
+    for spec, value in zip(per_input, [*args, *kwargs.values()]):
+        for t in (x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)):
+            spec_dict = dict(spec or {}) if isinstance(spec, dict) or spec is None else {}
+            for dim, name in spec_dict.items():
+                if not 0 <= dim < t.dim():
+                    raise PlanError(
+                        f"dynamic axis {dim} ({name!r}) is out of range for an input of shape {list(t.shape)}."
+                    )
+                if t.shape[dim] < 2:
+                    raise PlanError(
+                        f"dynamic axis {name!r} has size {t.shape[dim]} in the example; use a size of at "
+                        "least 2 (torch.export specializes sizes 0 and 1)."
+                    )
+            axes.append({int(d): str(n) for d, n in spec_dict.items()})
+    return axes
+
+
+def _memory_tensors(source: Source, skeleton: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors not read from files: non-persistent buffers (all tensors for a module source)."""
+    if source.kind == "module":
+        return {}  # filled by the caller from the real module
+    memory = {}
+    for module_name, module in skeleton.named_modules():
+        for buffer_name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None:
+                memory[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
+    return memory
+
+
+def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorEntry]:
+    by_name = dict(
+        [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
+    )
+    result = []
+    missing = []
+    for aliases in names.values():
+        tensor = by_name[aliases[0]]
+        found = next((checkpoint[a] for a in aliases if a in checkpoint), None)
+        if source.kind == "module":
+            location = None
+        elif found is not None:
+            location = found
+            if tuple(found.shape) != tuple(tensor.shape):
+                raise SourceError(
+                    f"tensor {aliases[0]!r} has shape {list(found.shape)} in {found.file} but the "
+                    f"model built from {source.location} expects {list(tensor.shape)}; the "
+                    "checkpoint does not match its config/factory."
+                )
+        elif aliases[0] in memory:
+            location = None
+            if not _is_non_persistent(skeleton, aliases[0]):
+                logger.warning(
+                    "buffer %s is not in the checkpoint; using the value the model code computes", aliases[0]
+                )
+        else:
+            missing.append(aliases[0])
+            continue
+        result.append(
+            TensorEntry(
+                name=aliases[0],
+                aliases=tuple(aliases),
+                shape=tuple(tensor.shape),
+                dtype=dtype_name(tensor.dtype),
+                source=location,
+                nbytes=tensor.numel() * tensor.element_size(),
+            )
+        )
+    if missing:
+        raise SourceError(
+            f"{len(missing)} tensor(s) the model needs are missing from the checkpoint "
+            f"({len(source.files)} file(s) under {source.location}), e.g. {missing[:3]}; the "
+            "checkpoint does not match the model."
+        )
+    return result
+
+
+def _is_non_persistent(model: nn.Module, name: str) -> bool:
+    module_name, _, buffer_name = name.rpartition(".")
+    return buffer_name in model.get_submodule(module_name)._non_persistent_buffers_set
+
+
+def record_calls(model: nn.Module, hole_paths: list[str], example: ExampleInputs) -> dict[str, CallSignature]:
+    """Record each hole's real call under fake tensors, at the example size and a grown size;
+    dims that differ between the two are the hole's dynamic dims."""
+    first = _record_once(model, hole_paths, example)
+    second = _record_once(model, hole_paths, example.resized())
+    calls = {}
+    for path in hole_paths:
+        (in_spec, leaves, out_spec, out_leaves), (_, leaves2, _, out_leaves2) = first[path], second[path]
+        calls[path] = CallSignature(
+            in_spec,
+            _with_dynamic_dims(leaves, leaves2),
+            out_spec,
+            _with_dynamic_dims(out_leaves, out_leaves2),
+        )
+    return calls
+
+
+def _with_dynamic_dims(leaves: list, grown: list) -> tuple:
+    result = []
+    for a, b in zip(leaves, grown):
+        if isinstance(a, TensorSpec):
+            dynamic = tuple(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
+            a = dataclasses.replace(a, dynamic=dynamic)
+        result.append(a)
+    return tuple(result)
+
+
+def _spec_leaves(tree) -> tuple[pytree.TreeSpec, list]:
+    leaves, spec = pytree.tree_flatten(tree)
+    return spec, [
+        TensorSpec(tuple(int(s) for s in x.shape), dtype_name(x.dtype)) if isinstance(x, torch.Tensor) else x
+        for x in leaves
+    ]
+
+
+def export_state():
+    """The flags torch.export sets while tracing (`torch.compiler.is_exporting()` is True).
+
+    Model code branches on them (transformers skips causal masks in eager mode but not under
+    export); recording and the PyTorch reference must take the branches the capture took.
+    """
+    from torch._export.utils import _compiling_state_context
+
+    return _compiling_state_context()
+
+
+def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs) -> dict:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    records: dict[str, tuple] = {}
+    handles = []
+    for path in hole_paths:
+
+        def hook(module, args, kwargs, output, path=path):
+            records[path] = (*_spec_leaves((args, kwargs)), *_spec_leaves(output))
+
+        handles.append(model.get_submodule(path).register_forward_hook(hook, with_kwargs=True))
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), export_state():
+            args, kwargs = pytree.tree_map_only(
+                torch.Tensor, lambda t: mode.from_tensor(t.to("meta")), (example.args, example.kwargs)
+            )
+            model(*args, **kwargs)
+    except Exception as e:
+        raise PlanError(
+            f"running {type(model).__name__} on the example inputs under fake tensors failed: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
+    finally:
+        for handle in handles:
+            handle.remove()
+    not_called = [p for p in hole_paths if p not in records]
+    if not_called:
+        raise PlanError(
+            f"blocks {not_called[:3]} were never called by forward; choose other blocks with block_pattern=."
+        )
+    return records
+
+
+def _fingerprint(block: nn.Module) -> tuple:
+    """What makes two blocks produce the same graph: structure, tensor shapes, plain attributes."""
+    parts = []
+    for name, module in block.named_modules():
+        attrs = tuple(
+            sorted(
+                (k, repr(v))
+                for k, v in vars(module).items()
+                if not k.startswith("_")
+                and k not in PER_LAYER_ATTRIBUTES
+                and isinstance(v, (int, float, str, bool, type(None), tuple))
+            )
+        )
+        parts.append((name, type(module).__qualname__, attrs))
+    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+        parts.append((name, tuple(t.shape), str(t.dtype)))
+    return tuple(parts)
+
+
+def _group_blocks(
+    model: nn.Module, hole_paths: list[str], calls: dict[str, CallSignature]
+) -> list[BlockGroup]:
+    groups: dict[tuple, BlockGroup] = {}
+    for path in hole_paths:
+        block = model.get_submodule(path)
+        call = calls[path]
+        key = (
+            _fingerprint(block),
+            str(call.in_spec),
+            repr(call.leaves),
+            str(call.out_spec),
+            repr(call.out_leaves),
+        )
+        if key not in groups:
+            class_name = type(block).__name__
+            same_class = sum(g.class_name == class_name for g in groups.values())
+            groups[key] = BlockGroup(
+                id=len(groups),
+                function_name=class_name if not same_class else f"{class_name}_{same_class}",
+                class_name=class_name,
+                members=[],
+                call=call,
+                weight_names=[n for n, _ in [*block.named_parameters(), *block.named_buffers()]],
+            )
+        groups[key].members.append(path)
+    return list(groups.values())
+
+
+def _assign_shards(tensors: list[TensorEntry], max_shard_size: int) -> list[ShardSpec]:
+    """Pack tensors in model order into shards of at most `max_shard_size` bytes (a larger
+    tensor gets a shard of its own), every offset page-aligned. Memory-held tensors get their
+    own shards: the coordinator writes those, workers write the rest."""
+    layouts: list[tuple[bool, list[TensorEntry], int]] = []
+    for from_memory in (False, True):
+        current: list[TensorEntry] = []
+        size = 0
+        for t in (t for t in tensors if (t.source is None) == from_memory):
+            offset = _align(size)
+            if current and offset + t.nbytes > max_shard_size:
+                layouts.append((from_memory, current, size))
+                current, offset = [], 0
+            t.offset = offset
+            current.append(t)
+            size = offset + t.nbytes
+        if current:
+            layouts.append((from_memory, current, size))
+    shards = []
+    for i, (from_memory, members, size) in enumerate(layouts):
+        file = f"model-{i + 1:05d}-of-{len(layouts):05d}.data"
+        for t in members:
+            t.shard = file
+        shards.append(ShardSpec(file, size, [t.name for t in members], from_memory))
+    return shards
+
+
+def _align(offset: int) -> int:
+    return -(-offset // SHARD_ALIGNMENT) * SHARD_ALIGNMENT

@@ -1,0 +1,311 @@
+"""Stage 1, source: where a model comes from, without materializing its weights.
+
+Three kinds of source share one shape (`Source`, picklable and cheap to ship to workers):
+- ``hf``: a Hugging Face checkpoint directory; the skeleton is built from ``config.json``;
+- ``factory``: ``"package.module:function"`` returning an ``nn.Module``, plus safetensors files;
+- ``module``: an in-memory ``nn.Module``; its meta-device copy travels, its weights stay with the
+  coordinator.
+
+Skeletons have their parameters on ``meta`` and their buffers real: non-persistent buffers (rotary
+``inv_freq``) are not in checkpoints and must come from the code that computes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import glob
+import importlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from shardex._dtypes import SAFETENSORS_TO_TORCH
+from shardex._errors import SourceError
+
+SourceKind = Literal["hf", "factory", "module"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes are in a safetensors file (absolute data offset)."""
+
+    file: str
+    offset: int
+    nbytes: int
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class Source:
+    """A resolved model source. `skeleton` is set only for in-memory modules (a meta copy)."""
+
+    kind: SourceKind
+    location: str
+    files: list[str]
+    trust_remote_code: bool = False
+    skeleton: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "location": self.location, "files": list(self.files)}
+
+
+def resolve_source(
+    source: str | os.PathLike | nn.Module,
+    *,
+    weights: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+) -> Source:
+    """Classify and validate `source` before any work starts."""
+    if isinstance(source, nn.Module):
+        if weights is not None:
+            raise SourceError(
+                "weights= is only for factory sources; an nn.Module source carries its own weights."
+            )
+        return Source(
+            kind="module",
+            location=f"<in-memory {type(source).__name__}>",
+            files=[],
+            skeleton=meta_copy(source),
+        )
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        if weights is not None:
+            raise SourceError(f"weights= is only for factory sources; {text} is a checkpoint directory.")
+        config = os.path.join(text, "config.json")
+        if not os.path.isfile(config):
+            raise SourceError(
+                f"{text} is not a Hugging Face checkpoint: it has no config.json; pass a directory "
+                "written by save_pretrained, or a factory 'package.module:function' with weights=."
+            )
+        return Source(
+            kind="hf",
+            location=os.path.abspath(text),
+            files=safetensors_files(text),
+            trust_remote_code=trust_remote_code,
+        )
+    if ":" in text and not os.path.exists(text):
+        if weights is None:
+            raise SourceError(
+                f"factory source {text!r} needs weights= (a .safetensors file or a directory of them)."
+            )
+        _import_factory(text)  # fail early on an unknown factory path
+        weights_path = os.fspath(weights)
+        files = (
+            safetensors_files(weights_path) if os.path.isdir(weights_path) else [_existing_file(weights_path)]
+        )
+        return Source(kind="factory", location=text, files=files)
+    raise SourceError(
+        f"source {text!r} does not exist; pass a checkpoint directory (with config.json), a "
+        "factory 'package.module:function', or an nn.Module."
+    )
+
+
+def _existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise SourceError(f"weights file {path} does not exist.")
+    return os.path.abspath(path)
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The checkpoint's safetensors files: those the index names, else every *.safetensors."""
+    index_path = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map", {})
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
+        if missing:
+            raise SourceError(
+                f"{index_path} names {len(missing)} missing file(s), e.g. {missing[0]}; "
+                "copy the whole checkpoint directory."
+            )
+        return [os.path.abspath(os.path.join(directory, n)) for n in names]
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+        raise SourceError(
+            f"{directory} has no *.safetensors files; shardex reads safetensors checkpoints "
+            "(convert .bin files with save_pretrained(safe_serialization=True))."
+        )
+    return [os.path.abspath(f) for f in files]
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorLocation]:
+    """Parse one safetensors header: tensor name -> absolute byte location. Reads no data."""
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+    except (OSError, struct.error, ValueError) as e:
+        raise SourceError(f"{path} is not a readable safetensors file: {e}") from e
+    data_start = 8 + header_len
+    index = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        index[name] = TensorLocation(
+            file=path,
+            offset=data_start + begin,
+            nbytes=end - begin,
+            dtype=info["dtype"],
+            shape=tuple(info["shape"]),
+        )
+    return index
+
+
+def index_checkpoint(files: list[str]) -> dict[str, TensorLocation]:
+    """Every tensor of a (possibly multi-file) checkpoint, by name."""
+    index: dict[str, TensorLocation] = {}
+    for path in files:
+        for name, location in read_safetensors_header(path).items():
+            if name in index:
+                raise SourceError(
+                    f"tensor {name!r} appears in both {index[name].file} and {path}; "
+                    "a checkpoint must store each tensor once."
+                )
+            index[name] = location
+    return index
+
+
+def read_tensor(location: TensorLocation) -> torch.Tensor:
+    """Read one tensor with a single bounded read (no mmap: only this tensor's bytes are touched)."""
+    dtype = SAFETENSORS_TO_TORCH.get(location.dtype)
+    if dtype is None:
+        raise SourceError(f"{location.file}: unsupported safetensors dtype {location.dtype}.")
+    fd = os.open(location.file, os.O_RDONLY)
+    try:
+        data = bytearray(location.nbytes)
+        view = memoryview(data)
+        done = 0
+        while done < location.nbytes:
+            n = os.preadv(fd, [view[done:]], location.offset + done)
+            if n == 0:
+                raise SourceError(
+                    f"{location.file} is truncated: expected {location.nbytes} bytes at offset "
+                    f"{location.offset}."
+                )
+            done += n
+    finally:
+        os.close(fd)
+    if not data:
+        return torch.empty(location.shape, dtype=dtype)
+    return torch.frombuffer(data, dtype=dtype).reshape(location.shape)
+
+
+@contextlib.contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Create modules with parameters on `meta` and buffers real, for this block only.
+
+    Parameters are allocated lazily by `torch.empty`, then moved to meta on registration, so
+    initializers run on meta (free). Buffers stay real because non-persistent ones are computed
+    by the model's own code and are not in checkpoints.
+    """
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            on_meta = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            on_meta.__dict__.update(param.__dict__)
+            module._parameters[name] = on_meta
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def meta_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose parameters are on meta (its buffers are copied, they are small)."""
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
+    skeleton = copy.deepcopy(module, memo)
+    return skeleton.eval()
+
+
+def _import_factory(path: str):
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SourceError(
+            f"unknown factory {path!r}: cannot import module {module_name!r} ({e}); it must be "
+            "'package.module:function' importable on every worker."
+        ) from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise SourceError(f"unknown factory {path!r}: module {module_name!r} has no callable {attr!r}.")
+    return factory
+
+
+def build_skeleton(source: Source, dtype: torch.dtype | None) -> nn.Module:
+    """The model with parameters on meta, in eval mode, with floating tensors in `dtype`.
+
+    `dtype=None` keeps the dtypes the model code chooses (for HF: the checkpoint's).
+    """
+    if source.kind == "module":
+        assert source.skeleton is not None, "Bug: a module source always carries its skeleton"
+        model = copy.deepcopy(source.skeleton)
+        if dtype is not None:
+            model.to(dtype)
+    elif source.kind == "factory":
+        factory = _import_factory(source.location)
+        with params_on_meta():
+            model = factory()
+        if not isinstance(model, nn.Module):
+            raise SourceError(
+                f"factory {source.location!r} returned {type(model).__name__}, not an nn.Module."
+            )
+        if dtype is not None:
+            model.to(dtype)
+    else:
+        model = _build_hf_skeleton(source, dtype)
+    return model.eval()
+
+
+def _build_hf_skeleton(source: Source, dtype: torch.dtype | None) -> nn.Module:
+    try:
+        import transformers
+    except ImportError as e:
+        raise SourceError("a Hugging Face checkpoint needs transformers: pip install 'shardex[hf]'.") from e
+    config = transformers.AutoConfig.from_pretrained(
+        source.location, trust_remote_code=source.trust_remote_code
+    )
+    config.use_cache = False
+    if dtype is None:
+        dtype = checkpoint_float_dtype(source.files) or torch.float32
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    with params_on_meta():
+        if model_class is not None:
+            return model_class._from_config(config, dtype=dtype)
+        auto = getattr(config, "auto_map", {}).get("AutoModelForCausalLM")
+        if auto and not source.trust_remote_code:
+            raise SourceError(
+                f"{source.location} needs its own code ({auto}); pass trust_remote_code=True "
+                "(--trust-remote-code) if you trust it."
+            )
+        return transformers.AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=source.trust_remote_code
+        )
+
+
+def checkpoint_float_dtype(files: list[str]) -> torch.dtype | None:
+    """The floating dtype holding most bytes of the checkpoint (None if it has no floats)."""
+    totals: dict[torch.dtype, int] = {}
+    for location in index_checkpoint(files).values():
+        dtype = SAFETENSORS_TO_TORCH.get(location.dtype)
+        if dtype is not None and dtype.is_floating_point:
+            totals[dtype] = totals.get(dtype, 0) + location.nbytes
+    return max(totals, key=totals.get) if totals else None

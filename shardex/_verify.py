@@ -1,0 +1,366 @@
+"""Stage 6, verify: the exported program against PyTorch, globally and block by block.
+
+The PyTorch reference streams: the trunk's weights are loaded, and each block's weights are
+loaded just before it runs and dropped after, so memory is about the trunk plus one block. The
+same run records every block's boundary tensors; each block's ONNX function is then run in ONNX
+Runtime on exactly those inputs with the weights read back from the shards, so a mismatch is
+pinned to one block.
+
+Low precision on CPU: ONNX Runtime's CPU provider lacks bf16 (and much fp16) kernels. Such
+exports are verified as a *float32-promoted* copy of the graph: every bf16/fp16 type, cast and
+constant becomes float32 and every stored weight is upcast exactly (bf16 and fp16 are subsets
+of fp32); the reference is PyTorch in float32 with the same rounded weights. This proves the
+graph's structure and every stored weight bit; it does not measure the rounding a native
+low-precision runtime would add.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from shardex._dtypes import LOW_PRECISION, TORCH_TO_SAFETENSORS, dtype_name
+from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
+from shardex._source import TensorLocation, build_skeleton, read_tensor
+from shardex._stitch import BLOCK_DOMAIN
+
+logger = logging.getLogger("shardex")
+
+LOW_ONNX_TYPES = (ir.DataType.BFLOAT16, ir.DataType.FLOAT16)
+
+# compute dtype -> (atol, rtol); an element passes when |actual - expected| <= atol + rtol * |expected|
+DEFAULT_TOLERANCES = {
+    "float64": (1e-7, 1e-7),
+    "float32": (1e-4, 1e-3),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+}
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """One comparison: a model output or a block (its worst output)."""
+
+    name: str
+    max_abs_diff: float
+    max_rel_diff: float
+    atol: float
+    rtol: float
+    passed: bool
+
+
+@dataclasses.dataclass
+class VerificationReport:
+    method: str
+    compute_dtype: str
+    input_shapes: list[list[int]]
+    outputs: list[CheckResult]
+    blocks: list[CheckResult]
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in [*self.outputs, *self.blocks])
+
+    @property
+    def failures(self) -> list[CheckResult]:
+        return [c for c in [*self.outputs, *self.blocks] if not c.passed]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"passed": self.passed}
+
+
+def compute_dtype(plan: Plan) -> torch.dtype:
+    """float32 where the export holds low-precision tensors (CPU promotion), else float32 too
+    unless the model is float64."""
+    dtypes = {t.dtype for t in plan.tensors}
+    return torch.float64 if dtypes == {"float64"} else torch.float32
+
+
+def needs_promotion(plan: Plan) -> bool:
+    return any(getattr(torch, t.dtype) in LOW_PRECISION for t in plan.tensors)
+
+
+def tolerances(compute: torch.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
+    default_atol, default_rtol = DEFAULT_TOLERANCES[dtype_name(compute)]
+    return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
+
+
+# --- PyTorch reference -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ReferenceRun:
+    outputs: list[np.ndarray]
+    boundaries: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]  # path -> (inputs, outputs)
+
+
+class _WeightLoader:
+    """Loads a tensor from the source, rounded through its export dtype, in the compute dtype."""
+
+    def __init__(self, plan: Plan, memory: dict[str, torch.Tensor], compute: torch.dtype) -> None:
+        self.plan = plan
+        self.memory = memory
+        self.compute = compute
+
+    def load(self, name: str) -> torch.Tensor:
+        entry = self.plan.entry(name)
+        tensor = read_tensor(entry.source) if entry.source is not None else self.memory[entry.name].detach()
+        tensor = tensor.to(getattr(torch, entry.dtype))
+        return tensor.to(self.compute) if tensor.is_floating_point() else tensor
+
+
+class _StreamedBlock(nn.Module):
+    """Runs a meta block with weights loaded for this call only; records its boundary."""
+
+    def __init__(
+        self, path: str, block: nn.Module, group: BlockGroup, loader: _WeightLoader, record: dict
+    ) -> None:
+        super().__init__()
+        self.path = path
+        self.block = block
+        self.group = group
+        self.loader = loader
+        self.record = record
+
+    def forward(self, *args, **kwargs):
+        weights = {n: self.loader.load(f"{self.path}.{n}") for n in self.group.weight_names}
+        output = torch.func.functional_call(self.block, weights, args, kwargs)
+        self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
+        return output
+
+
+def _flat_numpy(tree) -> list[np.ndarray]:
+    return [_to_numpy(x) for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy().copy()
+
+
+def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
+    """Run the PyTorch model on `inputs`, streaming block weights; memory ~ trunk + one block."""
+    compute = compute_dtype(plan)
+    loader = _WeightLoader(plan, memory, compute)
+    model = build_skeleton(plan.source, compute)
+    holes = set(plan.hole_paths)
+    boundaries: dict = {}
+    for group in plan.groups:
+        for path in group.members:
+            model.set_submodule(
+                path, _StreamedBlock(path, model.get_submodule(path), group, loader, boundaries)
+            )
+    state = {
+        name: loader.load(name)
+        for name, _ in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+        if not any(name.startswith(h + ".") for h in holes)
+    }
+    with torch.no_grad(), export_state():
+        output = torch.func.functional_call(model, state, inputs.args, inputs.kwargs)
+    return ReferenceRun(_flat_numpy(output), boundaries)
+
+
+# --- ONNX side -----------------------------------------------------------------------------
+
+
+def promote_to_float32(model: ir.Model) -> None:
+    """Rewrite bf16/fp16 types, casts and constants to float32 in place (see module doc).
+    Low-precision initializers keep their stored bytes and get an exact Cast to float32."""
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        if value.dtype in LOW_ONNX_TYPES:
+            cast = ir.Node(
+                "", "Cast", inputs=[value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1
+            )
+            users = list(value.uses())
+            graph.insert_before(graph[0], cast)
+            for user, index in users:
+                user.replace_input_with(index, cast.outputs[0])
+            cast.outputs[0].name = f"{value.name}.float32"
+            cast.outputs[0].dtype = ir.DataType.FLOAT
+    for graph_like in [graph, *model.functions.values()]:
+        _promote_graph(graph_like)
+
+
+def _promote_graph(graph: ir.Graph | ir.Function) -> None:
+    for value in graph.inputs:
+        _promote_value(value)
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for attr in node.attributes.values():
+            if (
+                attr.name in ("to", "dtype")
+                and attr.type == ir.AttributeType.INT
+                and attr.value in LOW_ONNX_TYPES
+            ):
+                node.attributes[attr.name] = ir.AttrInt64(attr.name, ir.DataType.FLOAT)
+            elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype in LOW_ONNX_TYPES:
+                array = attr.value.numpy().astype(np.float32)
+                node.attributes[attr.name] = ir.AttrTensor(attr.name, ir.tensor(array, name=attr.value.name))
+        for value in node.outputs:
+            _promote_value(value)
+
+
+def _promote_value(value: ir.Value) -> None:
+    if value.dtype in LOW_ONNX_TYPES and value.const_value is None:
+        value.dtype = ir.DataType.FLOAT
+
+
+def session(model: str | bytes):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Prepacking copies every MatMul weight into new buffers: twice the model in memory.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> CheckResult:
+    if actual.shape != expected.shape:
+        logger.error("%s: shape %s differs from PyTorch's %s", name, actual.shape, expected.shape)
+        return CheckResult(name, float("inf"), float("inf"), atol, rtol, False)
+    a = actual.astype(np.float64)
+    e = expected.astype(np.float64)
+    diff = np.abs(a - e)
+    both_nan = np.isnan(a) & np.isnan(e)
+    diff = np.where(both_nan, 0.0, diff)
+    max_abs = float(np.nanmax(diff, initial=0.0)) if not np.isnan(diff).any() else float("inf")
+    max_rel = float(np.max(diff / np.maximum(np.abs(e), 1e-12), initial=0.0)) if diff.size else 0.0
+    passed = bool(np.all(diff <= atol + rtol * np.abs(e)))
+    return CheckResult(name, max_abs, max_rel, atol, rtol, passed)
+
+
+def verify_global(
+    model_path: str,
+    inputs: ExampleInputs,
+    reference: list[np.ndarray],
+    atol: float,
+    rtol: float,
+    promote: bool,
+) -> list[CheckResult]:
+    """Run the saved model in ONNX Runtime and compare each output with PyTorch's."""
+    path = model_path
+    if promote:
+        model = ir.load(model_path)
+        promote_to_float32(model)
+        path = os.path.join(os.path.dirname(model_path), ".verify-float32.onnx")
+        ir.save(model, path)
+    try:
+        sess = session(path)
+        feeds = {i.name: _to_numpy(t) for i, t in zip(sess.get_inputs(), inputs.flat_tensors())}
+        actual = sess.run(None, feeds)
+        names = [o.name for o in sess.get_outputs()]
+    finally:
+        if promote and os.path.exists(path):
+            os.remove(path)
+    if len(actual) != len(reference):
+        return [
+            CheckResult(
+                f"outputs ({len(actual)} vs PyTorch's {len(reference)})",
+                float("inf"),
+                float("inf"),
+                atol,
+                rtol,
+                False,
+            )
+        ]
+    return [compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(names, actual, reference)]
+
+
+def block_check_model(model: ir.Model, group: BlockGroup, promote: bool) -> bytes:
+    """A standalone model calling the group's function with all its inputs (data and weights)
+    as graph inputs: one session serves every member of the group."""
+    function = model.functions[(BLOCK_DOMAIN, group.function_name, "")]
+    inputs = [ir.Value(name=f"in_{i}", type=v.type, shape=v.shape) for i, v in enumerate(function.inputs)]
+    call = ir.Node(BLOCK_DOMAIN, group.function_name, inputs=inputs, num_outputs=len(function.outputs))
+    for out, fout in zip(call.outputs, function.outputs):
+        out.name, out.type, out.shape = f"out_{fout.name}", fout.type, fout.shape
+    graph = ir.Graph(
+        inputs, call.outputs, nodes=[call], opset_imports=dict(model.opset_imports), name=group.function_name
+    )
+    check = ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values()))
+    check_proto = ir.serde.serialize_model(check)
+    check = ir.serde.deserialize_model(check_proto)  # a private copy: promotion must not touch `model`
+    if promote:
+        _promote_graph(check.graph)
+        for f in check.functions.values():
+            _promote_graph(f)
+    return ir.serde.serialize_model(check).SerializeToString()
+
+
+def verify_block_group(
+    check_model: bytes,
+    plan: Plan,
+    group: BlockGroup,
+    boundaries: dict[str, tuple[list[np.ndarray], list[np.ndarray]]],
+    output_dir: str,
+    atol: float,
+    rtol: float,
+) -> list[CheckResult]:
+    """Each member's ONNX function (weights read back from the shards) vs its PyTorch outputs."""
+    sess = session(check_model)
+    input_meta = sess.get_inputs()
+    results = []
+    for path in group.members:
+        if path not in boundaries:
+            continue
+        data, expected = boundaries[path]
+        weights = [_read_shard_tensor(plan, output_dir, f"{path}.{n}") for n in group.weight_names]
+        feeds = {}
+        for meta, value in zip(input_meta, [*data, *weights]):
+            feeds[meta.name] = value.astype(_ort_numpy_dtype(meta.type), copy=False)
+        actual = sess.run(None, feeds)
+        checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
+        worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
+        results.append(worst)
+        logger.info("verified block %s: max abs diff %.3g", path, worst.max_abs_diff)
+    return results
+
+
+def _read_shard_tensor(plan: Plan, output_dir: str, name: str) -> np.ndarray:
+    entry = plan.entry(name)
+    dtype = getattr(torch, entry.dtype)
+    location = TensorLocation(
+        os.path.join(output_dir, entry.shard),
+        entry.offset,
+        entry.nbytes,
+        TORCH_TO_SAFETENSORS[dtype],
+        entry.shape,
+    )
+    tensor = read_tensor(location)
+    return _to_numpy(tensor.float() if dtype in LOW_PRECISION else tensor)
+
+
+def _ort_numpy_dtype(ort_type: str) -> np.dtype:
+    names = {
+        "tensor(float)": np.float32,
+        "tensor(double)": np.float64,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(bool)": np.bool_,
+        "tensor(float16)": np.float16,
+        "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8,
+    }
+    return np.dtype(names.get(ort_type, np.float32))
+
+
+def format_failure(report: VerificationReport) -> str:
+    worst = max(report.failures, key=lambda c: c.max_abs_diff)
+    blocks = [c.name for c in report.blocks if not c.passed]
+    where = f"block(s) {', '.join(blocks[:5])}" if blocks else worst.name
+    return (
+        f"verification failed in {where}: max abs diff {worst.max_abs_diff:.3g} (rel {worst.max_rel_diff:.3g}) "
+        f"exceeds atol={worst.atol:g} + rtol={worst.rtol:g}·|expected| ({len(report.failures)} failed check(s)); "
+        "inspect the block's weights in the shards, or loosen atol=/rtol= if the difference is expected."
+    )

@@ -1,0 +1,157 @@
+"""Stage 4, weights: stream tensors into ONNX external-data shard files.
+
+Each shard is written by one writer from the plan's layout (names, page-aligned offsets), so
+shards are independent work items and identical whatever order they finish in. Why not
+`onnx_ir.save(max_shard_size_bytes=...)`: it serializes from an in-memory model in one process;
+here the layout is decided up front so workers that never see the model can write shards in
+parallel, straight from the source files.
+
+Memory stays bounded: a tensor whose dtype does not change is copied file-to-file by the kernel
+(`os.copy_file_range`, no user-space buffer); a converted tensor goes through fixed-size chunks.
+A shard is written under a hidden temporary name, fsynced, hashed and renamed: a final name
+always holds a complete shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import time
+
+import torch
+
+from shardex._dtypes import SAFETENSORS_TO_TORCH
+from shardex._errors import WeightsError
+from shardex._plan import ShardSpec, TensorEntry
+from shardex._source import TensorLocation
+
+CHUNK_BYTES = 64 << 20
+
+
+@dataclasses.dataclass
+class ShardResult:
+    file: str
+    nbytes: int
+    sha256: str
+    seconds: float
+
+
+def partial_path(output_dir: str, file: str) -> str:
+    return os.path.join(output_dir, f".{file}.partial")
+
+
+def write_shard(
+    shard: ShardSpec,
+    entries: list[TensorEntry],
+    output_dir: str,
+    memory: dict[str, torch.Tensor] | None = None,
+) -> ShardResult:
+    """Write one shard from its entries; `memory` supplies the tensors that have no source file."""
+    start = time.perf_counter()
+    final = os.path.join(output_dir, shard.file)
+    partial = partial_path(output_dir, shard.file)
+    try:
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, shard.size)  # alignment gaps stay sparse zeros
+            for entry in entries:
+                if entry.source is None:
+                    assert memory is not None and entry.name in memory, f"Bug: no value for {entry.name}"
+                    _write_memory_tensor(fd, entry, memory[entry.name])
+                else:
+                    _copy_tensor(fd, entry, entry.source)
+            os.fsync(fd)
+            digest = _sha256(fd)
+        finally:
+            os.close(fd)
+        os.replace(partial, final)
+    except OSError as e:
+        _remove_quietly(partial)
+        raise WeightsError(f"writing shard {shard.file} in {output_dir} failed: {e}", shard=shard.file) from e
+    except BaseException:
+        _remove_quietly(partial)
+        raise
+    return ShardResult(shard.file, shard.size, digest, time.perf_counter() - start)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _write_memory_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> None:
+    data = tensor.detach().to("cpu", getattr(torch, entry.dtype)).contiguous()
+    if data.numel():
+        _pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), entry.offset)
+
+
+def _copy_tensor(fd: int, entry: TensorEntry, location: TensorLocation) -> None:
+    source_dtype = SAFETENSORS_TO_TORCH[location.dtype]
+    target_dtype = getattr(torch, entry.dtype)
+    src = os.open(location.file, os.O_RDONLY)
+    try:
+        if source_dtype == target_dtype:
+            _kernel_copy(src, fd, location.offset, entry.offset, location.nbytes)
+        else:
+            _convert_copy(src, fd, location, entry, source_dtype, target_dtype)
+    finally:
+        os.close(src)
+
+
+def _kernel_copy(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
+    done = 0
+    while done < count:
+        try:
+            n = os.copy_file_range(src, dst, count - done, src_offset + done, dst_offset + done)
+        except OSError:  # e.g. a file system without support: fall back to bounded reads
+            n = _buffered_copy(src, dst, src_offset + done, dst_offset + done, count - done)
+        if n == 0:
+            raise OSError(f"source ended {count - done} bytes early (truncated safetensors file?)")
+        done += n
+
+
+def _buffered_copy(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> int:
+    data = os.pread(src, min(count, CHUNK_BYTES), src_offset)
+    _pwrite_all(dst, memoryview(data), dst_offset)
+    return len(data)
+
+
+def _convert_copy(src, dst, location, entry, source_dtype, target_dtype) -> None:
+    source_size = source_dtype.itemsize
+    target_size = target_dtype.itemsize
+    elements = location.nbytes // source_size
+    step = max(1, CHUNK_BYTES // max(source_size, target_size))
+    for first in range(0, elements, step):
+        count = min(step, elements - first)
+        raw = bytearray(os.pread(src, count * source_size, location.offset + first * source_size))
+        if len(raw) != count * source_size:
+            raise OSError(f"{location.file} is truncated inside tensor {entry.name}")
+        converted = torch.frombuffer(raw, dtype=source_dtype).to(target_dtype)
+        _pwrite_all(dst, memoryview(converted.view(torch.uint8).numpy()), entry.offset + first * target_size)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data = data[n:]
+        offset += n
+
+
+def _sha256(fd: int) -> str:
+    digest = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK_BYTES, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _sha256(fd)
+    finally:
+        os.close(fd)
