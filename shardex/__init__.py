@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     # the verb
     "export",
+    "verify",
     "load_manifest",
     # results
     "VerificationReport",
@@ -35,7 +36,7 @@ from shardex._errors import (
     VerificationError,
     WeightsError,
 )
-from shardex._export import export, load_manifest
+from shardex._export import export, load_manifest, verify
 from shardex._verify import CheckResult, VerificationReport
 
 __version__ = "0.1.0"

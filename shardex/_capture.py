@@ -185,6 +185,9 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
             {torch.ops.shardex.hole.default: _translate_hole},
         )
     _name_dynamic_axes(onnx_model, example.dynamic_axes)
+    if len(onnx_model.graph.outputs) == len(plan.output_names):
+        for value, name in zip(onnx_model.graph.outputs, plan.output_names):
+            value.name = name
     weights = _initializers_to_inputs(onnx_model, prefix="")
     _optimize(onnx_model)
     return CapturedPiece("trunk", _serialize(onnx_model), weights, time.perf_counter() - start)

@@ -30,7 +30,7 @@ from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, VerificationError
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
-from shardex._stitch import stitch
+from shardex._stitch import BLOCK_DOMAIN, add_block_functions, inline_blocks, stitch
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -49,6 +49,7 @@ logger = logging.getLogger("shardex")
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "shardex/1"
+INPUTS_FILE = "inputs.safetensors"
 
 
 def export(
@@ -87,11 +88,7 @@ def export(
     started = time.perf_counter()
     dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
     shard_bytes = _option(parse_size, max_shard_size)
-    if workers is not None and workers < 1:
-        raise OptionsError(f"workers must be at least 1, got {workers}.")
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and value < 0:
-            raise OptionsError(f"{name} must be >= 0, got {value}.")
+    _check_run_options(workers, atol, rtol)
     out = _prepare_output_dir(os.fspath(output_dir), overwrite)
 
     timings: dict[str, float] = {}
@@ -126,18 +123,25 @@ def export(
 
         clock = time.perf_counter()
         model = stitch(plan, trunk, blocks, out)
-        promote = needs_promotion(plan)
-        check_models = {g.id: block_check_model(model, g, promote) for g in plan.groups} if verify else {}
+        functions = (
+            ir.Model(
+                ir.Graph([], [], nodes=[]), ir_version=model.ir_version, functions=model.functions.values()
+            )
+            if inline
+            else model
+        )
         if inline:
-            model = stitch(plan, trunk, blocks, out, inline=True)
+            functions.opset_imports.update(model.opset_imports)
+            inline_blocks(model)
         model_path = _save_model(model, out)
+        _save_example_inputs(plan, out)
         timings["stitch"] = time.perf_counter() - clock
 
         report = None
         if verify:
             clock = time.perf_counter()
-            report = _verify(plan, memory, out, model_path, check_models, promote, atol, rtol, workers)
-            timings["verify"] = report.seconds = time.perf_counter() - clock
+            report = _verify(plan, memory, out, model_path, functions, atol, rtol, workers)
+            timings["verify"] = time.perf_counter() - clock
 
     timings["total"] = time.perf_counter() - started
     options = {
@@ -149,12 +153,94 @@ def export(
         "verify": verify,
         "atol": atol,
         "rtol": rtol,
+        "trust_remote_code": trust_remote_code,
     }
     _write_manifest(out, plan, shard_results, model_path, timings, report, options, trunk, blocks)
     logger.info("exported to %s in %.1fs", out, timings["total"])
     if report is not None and not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return torch.onnx.ONNXProgram(model, None)
+
+
+def verify(
+    output_dir: str | os.PathLike,
+    *,
+    args: tuple | None = None,
+    kwargs: dict[str, Any] | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+) -> VerificationReport:
+    """Re-verify a finished export against its source: shard hashes, then ONNX Runtime vs
+    PyTorch globally and per block. Updates the manifest; raises `VerificationError` on failure.
+
+    Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given.
+    """
+    _check_run_options(workers, atol, rtol)
+    out = os.path.abspath(os.fspath(output_dir))
+    manifest = load_manifest(out)
+    described = manifest["source"]
+    if described["kind"] == "module":
+        raise OptionsError(
+            f"{out} was exported from an in-memory module; it can only be verified by export(verify=True)."
+        )
+    src = resolve_source(
+        described["location"],
+        weights=described["files"] if described["kind"] == "factory" else None,
+        trust_remote_code=manifest["options"].get("trust_remote_code", False),
+    )
+    if args is None and kwargs is None:
+        args, kwargs, dynamic_shapes = _load_example_inputs(out, manifest)
+    else:
+        dynamic_shapes = None
+    options = manifest["options"]
+    plan, memory = make_plan(
+        src,
+        dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
+        args=args,
+        kwargs=kwargs,
+        dynamic_shapes=dynamic_shapes,
+        block_pattern=options["block_pattern"],
+        max_shard_size=options["max_shard_size"],
+        opset=options["opset"],
+    )
+    expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
+    if [(s.file, s.size) for s in plan.shards] != expected:
+        raise ShardexError(
+            f"the source {described['location']} no longer plans to the shards recorded in {out}; "
+            "it changed since the export: export it again."
+        )
+    clock = time.perf_counter()
+    model_path = os.path.join(out, MODEL_FILE)
+    model = ir.load(model_path)
+    with _ray.ray_session(address):
+        if not all((BLOCK_DOMAIN, g.function_name, "") in model.functions for g in plan.groups):
+            # An inlined export has no functions left: capture the blocks again (cheap, weightless).
+            tasks = [
+                _ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups
+            ]
+            pieces = _ray.run_tasks(tasks, max_in_flight=workers)
+            add_block_functions(model, plan, {g.id: p for g, p in zip(plan.groups, pieces)})
+        report = _verify(plan, memory, out, model_path, model, atol, rtol, workers)
+    report.shard_hash_mismatches = [
+        s["file"] for s in manifest["shards"] if file_sha256(os.path.join(out, s["file"])) != s["sha256"]
+    ]
+    report.seconds = time.perf_counter() - clock
+    manifest["verification"] = report.to_json()
+    manifest["status"] = "complete" if report.passed else "verification_failed"
+    _write_json_atomic(out, MANIFEST_FILE, manifest)
+    if not report.passed:
+        raise VerificationError(format_failure(report), failures=report.failures)
+    return report
+
+
+def _check_run_options(workers: int | None, atol: float | None, rtol: float | None) -> None:
+    if workers is not None and workers < 1:
+        raise OptionsError(f"workers must be at least 1, got {workers}.")
+    for name, value in (("atol", atol), ("rtol", rtol)):
+        if value is not None and value < 0:
+            raise OptionsError(f"{name} must be >= 0, got {value}.")
 
 
 def _option(parse, value):
@@ -178,7 +264,7 @@ def _prepare_output_dir(path: str, overwrite: bool) -> str:
         raise OptionsError(
             f"output directory {out} is not empty; choose an empty one or pass overwrite=True (--overwrite)."
         )
-    ours = {MODEL_FILE, MANIFEST_FILE}
+    ours = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE}
     foreign = [n for n in existing if n not in ours and not _is_shard_file(n)]
     if foreign:
         raise OptionsError(
@@ -269,9 +355,12 @@ def _save_model(model: ir.Model, out: str) -> str:
     return path
 
 
-def _verify(plan, memory, out, model_path, check_models, promote, atol, rtol, workers) -> VerificationReport:
+def _verify(plan, memory, out, model_path, functions: ir.Model, atol, rtol, workers) -> VerificationReport:
+    """Reference run here (streamed); the global check and one check per block group on Ray."""
+    start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
+    promote = needs_promotion(plan)
     inputs = plan.example.resized()  # other sizes than the capture example: dynamic axes are exercised
     logger.info("verify: running the PyTorch reference block by block")
     reference = reference_run(plan, memory, inputs)
@@ -284,7 +373,15 @@ def _verify(plan, memory, out, model_path, check_models, promote, atol, rtol, wo
         _ray.Task(
             f"verify {g.function_name}",
             verify_block_group,
-            (check_models[g.id], plan, g, {p: reference.boundaries[p] for p in g.members}, out, atol_, rtol_),
+            (
+                block_check_model(functions, plan, g, promote),
+                plan,
+                g,
+                {p: reference.boundaries[p] for p in g.members},
+                out,
+                atol_,
+                rtol_,
+            ),
         )
         for g in plan.groups
     ]
@@ -293,6 +390,7 @@ def _verify(plan, memory, out, model_path, check_models, promote, atol, rtol, wo
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
     blocks = [check for group_checks in results[1:] for check in group_checks]
     report = VerificationReport(method, dtype_name(compute), shapes, results[0], blocks)
+    report.seconds = time.perf_counter() - start
     worst = max((c.max_abs_diff for c in report.outputs), default=0.0)
     logger.info(
         "verify: %s; outputs max abs diff %.3g, %d blocks checked",
@@ -301,6 +399,37 @@ def _verify(plan, memory, out, model_path, check_models, promote, atol, rtol, wo
         len(blocks),
     )
     return report
+
+
+def _save_example_inputs(plan: Plan, out: str) -> None:
+    """Keep the example inputs beside the model so `verify` can rerun without the caller's code."""
+    from safetensors.torch import save_file
+
+    example = plan.example
+    if not all(isinstance(a, torch.Tensor) for a in [*example.args, *example.kwargs.values()]):
+        return  # nested inputs: verify needs them passed again
+    tensors = {f"args.{i}": a for i, a in enumerate(example.args)}
+    tensors |= {f"kwargs.{k}": v for k, v in example.kwargs.items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, INPUTS_FILE))
+
+
+def _load_example_inputs(out: str, manifest: dict):
+    from safetensors.torch import load_file
+
+    path = os.path.join(out, INPUTS_FILE)
+    if not os.path.isfile(path):
+        raise OptionsError(
+            f"{out} has no {INPUTS_FILE} (its inputs were nested); pass args=/kwargs= to verify."
+        )
+    tensors = load_file(path)
+    args = tuple(tensors[f"args.{i}"] for i in range(sum(k.startswith("args.") for k in tensors)))
+    names = [k.removeprefix("kwargs.") for k in tensors if k.startswith("kwargs.")]
+    kwargs = {n: tensors[f"kwargs.{n}"] for n in names}
+    axes = [
+        {int(d): a for d, a in axis.items()} for axis in manifest["plan"]["example_inputs"]["dynamic_axes"]
+    ]
+    dynamic = tuple(axes[: len(args)]) if args else dict(zip(names, axes[len(args) :]))
+    return args, kwargs, dynamic
 
 
 def _versions() -> dict[str, str]:
@@ -368,10 +497,14 @@ def _write_manifest(
         "timings": timings,
         "verification": report.to_json() if report is not None else None,
     }
-    partial = os.path.join(out, f".{MANIFEST_FILE}.partial")
+    _write_json_atomic(out, MANIFEST_FILE, manifest)
+
+
+def _write_json_atomic(out: str, name: str, data: dict) -> None:
+    partial = os.path.join(out, f".{name}.partial")
     with open(partial, "w") as f:
-        json.dump(manifest, f, indent=2, default=str)
-    os.replace(partial, os.path.join(out, MANIFEST_FILE))
+        json.dump(data, f, indent=2, default=str)
+    os.replace(partial, os.path.join(out, name))
 
 
 def load_manifest(output_dir: str | os.PathLike) -> dict:

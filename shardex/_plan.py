@@ -135,6 +135,7 @@ class Plan:
     source: Source
     dtype: torch.dtype | None  # requested conversion, None keeps the model's dtypes
     example: ExampleInputs
+    output_names: list[str]
     groups: list[BlockGroup]
     tensors: list[TensorEntry]
     shards: list[ShardSpec]
@@ -221,11 +222,11 @@ def make_plan(
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
     skeleton.to("meta")
-    calls = record_calls(skeleton, hole_paths, example)
+    calls, output_names = record_calls(skeleton, hole_paths, example)
     groups = _group_blocks(skeleton, hole_paths, calls)
     shards = _assign_shards(tensors, max_shard_size)
     alias_to_name = {alias: t.name for t in tensors for alias in t.aliases}
-    plan = Plan(source, dtype, example, groups, tensors, shards, opset, alias_to_name)
+    plan = Plan(source, dtype, example, output_names, groups, tensors, shards, opset, alias_to_name)
     return plan, memory
 
 
@@ -401,11 +402,14 @@ def _is_non_persistent(model: nn.Module, name: str) -> bool:
     return buffer_name in model.get_submodule(module_name)._non_persistent_buffers_set
 
 
-def record_calls(model: nn.Module, hole_paths: list[str], example: ExampleInputs) -> dict[str, CallSignature]:
+def record_calls(
+    model: nn.Module, hole_paths: list[str], example: ExampleInputs
+) -> tuple[dict[str, CallSignature], list[str]]:
     """Record each hole's real call under fake tensors, at the example size and a grown size;
-    dims that differ between the two are the hole's dynamic dims."""
-    first = _record_once(model, hole_paths, example)
-    second = _record_once(model, hole_paths, example.resized())
+    dims that differ between the two are the hole's dynamic dims. Also returns the model's
+    output names (``logits`` for a ModelOutput), used to name the ONNX outputs."""
+    first, output_names = _record_once(model, hole_paths, example)
+    second, _ = _record_once(model, hole_paths, example.resized())
     calls = {}
     for path in hole_paths:
         (in_spec, leaves, out_spec, out_leaves), (_, leaves2, _, out_leaves2) = first[path], second[path]
@@ -415,7 +419,16 @@ def record_calls(model: nn.Module, hole_paths: list[str], example: ExampleInputs
             out_spec,
             _with_dynamic_dims(out_leaves, out_leaves2),
         )
-    return calls
+    return calls, output_names
+
+
+def _output_names(output) -> list[str]:
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(output)[0]:
+        if isinstance(leaf, torch.Tensor):
+            name = re.sub(r"\W+", "_", pytree.keystr(path)).strip("_")
+            names.append(name if name and not name[0].isdigit() else f"output_{name}".rstrip("_"))
+    return names
 
 
 def _with_dynamic_dims(leaves: list, grown: list) -> tuple:
@@ -463,7 +476,7 @@ def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs
             args, kwargs = pytree.tree_map_only(
                 torch.Tensor, lambda t: mode.from_tensor(t.to("meta")), (example.args, example.kwargs)
             )
-            model(*args, **kwargs)
+            output_names = _output_names(model(*args, **kwargs))
     except Exception as e:
         raise PlanError(
             f"running {type(model).__name__} on the example inputs under fake tensors failed: "
@@ -477,7 +490,7 @@ def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs
         raise PlanError(
             f"blocks {not_called[:3]} were never called by forward; choose other blocks with block_pattern=."
         )
-    return records
+    return records, output_names
 
 
 def _fingerprint(block: nn.Module) -> tuple:

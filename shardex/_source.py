@@ -60,7 +60,7 @@ class Source:
 def resolve_source(
     source: str | os.PathLike | nn.Module,
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | list[str] | None = None,
     trust_remote_code: bool = False,
 ) -> Source:
     """Classify and validate `source` before any work starts."""
@@ -97,10 +97,12 @@ def resolve_source(
                 f"factory source {text!r} needs weights= (a .safetensors file or a directory of them)."
             )
         _import_factory(text)  # fail early on an unknown factory path
-        weights_path = os.fspath(weights)
-        files = (
-            safetensors_files(weights_path) if os.path.isdir(weights_path) else [_existing_file(weights_path)]
-        )
+        if isinstance(weights, (list, tuple)):
+            files = [_existing_file(os.fspath(w)) for w in weights]
+        elif os.path.isdir(weights):
+            files = safetensors_files(os.fspath(weights))
+        else:
+            files = [_existing_file(os.fspath(weights))]
         return Source(kind="factory", location=text, files=files)
     raise SourceError(
         f"source {text!r} does not exist; pass a checkpoint directory (with config.json), a "

@@ -24,8 +24,6 @@ def stitch(
     trunk: CapturedPiece,
     blocks: dict[int, CapturedPiece],
     output_dir: str,
-    *,
-    inline: bool = False,
 ) -> ir.Model:
     """Assemble the final model; its initializers reference shards in `output_dir`."""
     model = trunk.load()
@@ -39,15 +37,7 @@ def stitch(
         shared = initializers.get(value.name)
         value.replace_all_uses_with(shared, replace_graph_outputs=True)
 
-    for group in plan.groups:
-        piece = blocks[group.id]
-        block_model = piece.load()
-        piece_functions = dict(block_model.functions)
-        function = _as_function(block_model, group.function_name)
-        model.functions[function.identifier()] = function
-        model.functions.update(piece_functions)
-        for domain, version in function.opset_imports.items():
-            model.opset_imports.setdefault(domain, version)
+    add_block_functions(model, plan, blocks)
 
     holes = [node for node in graph if node.domain == HOLE_DOMAIN]
     if len(holes) != len(plan.hole_paths):
@@ -76,11 +66,26 @@ def stitch(
     model.opset_imports.pop(HOLE_DOMAIN, None)
     model.opset_imports[BLOCK_DOMAIN] = 1
     model.producer_name = "shardex"
-    if inline:
-        InlinePass()(model)
-        RemoveUnusedFunctionsPass()(model)
     RemoveUnusedOpsetsPass()(model)
     return model
+
+
+def add_block_functions(model: ir.Model, plan: Plan, blocks: dict[int, CapturedPiece]) -> None:
+    """Add one model-local function per block group (plus any function a block graph uses)."""
+    for group in plan.groups:
+        block_model = blocks[group.id].load()
+        model.functions.update(block_model.functions)
+        function = _as_function(block_model, group.function_name)
+        model.functions[function.identifier()] = function
+        for domain, version in function.opset_imports.items():
+            model.opset_imports.setdefault(domain, version)
+
+
+def inline_blocks(model: ir.Model) -> None:
+    """Replace every function call by its body: a flat graph, for runtimes without functions."""
+    InlinePass()(model)
+    RemoveUnusedFunctionsPass()(model)
+    RemoveUnusedOpsetsPass()(model)
 
 
 class _Initializers:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shardex._dtypes import LOW_PRECISION, TORCH_TO_SAFETENSORS, dtype_name
+from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, TORCH_TO_SAFETENSORS, dtype_name
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
 from shardex._source import TensorLocation, build_skeleton, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
@@ -64,10 +64,11 @@ class VerificationReport:
     outputs: list[CheckResult]
     blocks: list[CheckResult]
     seconds: float = 0.0
+    shard_hash_mismatches: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(c.passed for c in [*self.outputs, *self.blocks])
+        return not self.shard_hash_mismatches and all(c.passed for c in [*self.outputs, *self.blocks])
 
     @property
     def failures(self) -> list[CheckResult]:
@@ -277,25 +278,29 @@ def verify_global(
     return [compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(names, actual, reference)]
 
 
-def block_check_model(model: ir.Model, group: BlockGroup, promote: bool) -> bytes:
+def block_check_model(model: ir.Model, plan: Plan, group: BlockGroup, promote: bool) -> bytes:
     """A standalone model calling the group's function with all its inputs (data and weights)
-    as graph inputs: one session serves every member of the group."""
-    function = model.functions[(BLOCK_DOMAIN, group.function_name, "")]
-    inputs = [ir.Value(name=f"in_{i}", type=v.type, shape=v.shape) for i, v in enumerate(function.inputs)]
-    call = ir.Node(BLOCK_DOMAIN, group.function_name, inputs=inputs, num_outputs=len(function.outputs))
-    for out, fout in zip(call.outputs, function.outputs):
-        out.name, out.type, out.shape = f"out_{fout.name}", fout.type, fout.shape
+    as graph inputs: one session serves every member of the group. Types come from the plan:
+    ONNX functions do not record the types of their inputs."""
+    specs = [*group.call.inputs, *(plan.entry(f"{group.members[0]}.{n}") for n in group.weight_names)]
+    inputs = [_typed_value(f"in_{i}", spec.dtype, spec.shape) for i, spec in enumerate(specs)]
+    outputs = [_typed_value(f"out_{i}", spec.dtype, spec.shape) for i, spec in enumerate(group.call.outputs)]
+    call = ir.Node(BLOCK_DOMAIN, group.function_name, inputs=inputs, outputs=outputs)
     graph = ir.Graph(
-        inputs, call.outputs, nodes=[call], opset_imports=dict(model.opset_imports), name=group.function_name
+        inputs, outputs, nodes=[call], opset_imports=dict(model.opset_imports), name=group.function_name
     )
     check = ir.Model(graph, ir_version=model.ir_version, functions=list(model.functions.values()))
-    check_proto = ir.serde.serialize_model(check)
-    check = ir.serde.deserialize_model(check_proto)  # a private copy: promotion must not touch `model`
+    check = ir.serde.deserialize_model(ir.serde.serialize_model(check))  # a private copy to promote
     if promote:
         _promote_graph(check.graph)
-        for f in check.functions.values():
-            _promote_graph(f)
+        for function in check.functions.values():
+            _promote_graph(function)
     return ir.serde.serialize_model(check).SerializeToString()
+
+
+def _typed_value(name: str, dtype: str, shape: tuple[int, ...]) -> ir.Value:
+    onnx_type = TORCH_TO_ONNX[getattr(torch, dtype)]
+    return ir.Value(name=name, type=ir.TensorType(onnx_type), shape=ir.Shape([None] * len(shape)))
 
 
 def verify_block_group(
@@ -356,11 +361,18 @@ def _ort_numpy_dtype(ort_type: str) -> np.dtype:
 
 
 def format_failure(report: VerificationReport) -> str:
+    hashes = (
+        f"; shard(s) {', '.join(report.shard_hash_mismatches)} no longer match their sha256 in the manifest"
+        if report.shard_hash_mismatches
+        else ""
+    )
+    if not report.failures:
+        return f"verification failed{hashes}."
     worst = max(report.failures, key=lambda c: c.max_abs_diff)
     blocks = [c.name for c in report.blocks if not c.passed]
     where = f"block(s) {', '.join(blocks[:5])}" if blocks else worst.name
     return (
         f"verification failed in {where}: max abs diff {worst.max_abs_diff:.3g} (rel {worst.max_rel_diff:.3g}) "
-        f"exceeds atol={worst.atol:g} + rtol={worst.rtol:g}·|expected| ({len(report.failures)} failed check(s)); "
+        f"exceeds atol={worst.atol:g} + rtol={worst.rtol:g}·|expected| ({len(report.failures)} failed check(s)){hashes}; "
         "inspect the block's weights in the shards, or loosen atol=/rtol= if the difference is expected."
     )
