@@ -103,9 +103,8 @@ def export(
         block_pattern=block_pattern,
         max_shard_size=shard_bytes,
         opset=opset,
+        module=source if isinstance(source, nn.Module) else None,
     )
-    if isinstance(source, nn.Module):
-        memory = _module_tensors(source, plan)
     timings["plan"] = time.perf_counter() - clock
     logger.info(
         "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
@@ -279,13 +278,6 @@ def _prepare_output_dir(path: str, overwrite: bool) -> str:
 def _is_shard_file(name: str) -> bool:
     bare = name.removeprefix(".").removesuffix(".partial")
     return bare.startswith("model-") and bare.endswith(".data") or name.startswith(".verify")
-
-
-def _module_tensors(module: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    named = dict(
-        [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    )
-    return {t.name: named[t.name] for t in plan.tensors}
 
 
 def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):

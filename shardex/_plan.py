@@ -210,14 +210,16 @@ def make_plan(
     block_pattern: str | None,
     max_shard_size: int,
     opset: int | None,
+    module: nn.Module | None = None,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Plan the export. Returns the plan and the tensors the coordinator itself must supply
-    (non-persistent buffers; every tensor of an in-memory module)."""
+    (non-persistent buffers; every tensor of `module`, the real in-memory model if the source
+    is one)."""
     skeleton = build_skeleton(source, dtype)
     names = _tensor_names(skeleton)
     hole_paths = find_holes(skeleton, block_pattern)
     example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
-    memory = _memory_tensors(source, skeleton)
+    memory = _memory_tensors(skeleton if module is None else module)
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
@@ -338,16 +340,17 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
     return axes
 
 
-def _memory_tensors(source: Source, skeleton: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors not read from files: non-persistent buffers (all tensors for a module source)."""
-    if source.kind == "module":
-        return {}  # filled by the caller from the real module
-    memory = {}
-    for module_name, module in skeleton.named_modules():
-        for buffer_name, buffer in module.named_buffers(recurse=False):
-            if buffer is not None:
-                memory[f"{module_name}.{buffer_name}" if module_name else buffer_name] = buffer
-    return memory
+def _memory_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tensors with real values in `model`: the skeleton's buffers (non-persistent ones are in
+    no checkpoint), or every tensor of a real in-memory model."""
+    return {
+        name: t
+        for name, t in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+        if t.device.type != "meta"
+    }
 
 
 def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorEntry]:

@@ -158,14 +158,17 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
             model.set_submodule(
                 path, _StreamedBlock(path, model.get_submodule(path), group, loader, boundaries)
             )
-    state = {
-        name: loader.load(name)
-        for name, _ in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-        if not any(name.startswith(h + ".") for h in holes)
-    }
+    loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
+    state = {}
+    for name, _ in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if not any(name.startswith(h + ".") for h in holes):
+            canonical = plan.entry(name).name
+            if canonical not in loaded:
+                loaded[canonical] = loader.load(canonical)
+            state[name] = loaded[canonical]
     with torch.no_grad(), export_state():
         output = torch.func.functional_call(model, state, inputs.args, inputs.kwargs)
     return ReferenceRun(_flat_numpy(output), boundaries)
@@ -180,10 +183,10 @@ def promote_to_float32(model: ir.Model) -> None:
     graph = model.graph
     for value in list(graph.initializers.values()):
         if value.dtype in LOW_ONNX_TYPES:
+            users = list(value.uses())  # taken before the Cast exists: it uses `value` too
             cast = ir.Node(
                 "", "Cast", inputs=[value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1
             )
-            users = list(value.uses())
             graph.insert_before(graph[0], cast)
             for user, index in users:
                 user.replace_input_with(index, cast.outputs[0])

@@ -1,0 +1,221 @@
+"""End-to-end exports on a local Ray: HF checkpoints, a factory model, an in-memory module."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import shardex
+from tests import models
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def run_onnx(model_path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """Plain ONNX Runtime, as a user without shardex would run the export."""
+    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
+    return session.run(None, {k: v.numpy() for k, v in feeds.items()})
+
+
+def token_feeds(batch: int, seq: int, vocab: int = 128) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def external_initializers(model_path) -> dict[str, dict]:
+    proto = onnx.load(os.fspath(model_path), load_external_data=False)
+    result = {}
+    for init in proto.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            result[init.name] = {e.key: e.value for e in init.external_data} | {"dtype": init.data_type}
+    return result
+
+
+def assert_shards_sound(out, manifest) -> None:
+    """Offsets page-aligned, sha256 in the manifest matches every file, nothing partial left."""
+    for info in external_initializers(out / "model.onnx").values():
+        assert int(info.get("offset", 0)) % 4096 == 0, info
+        assert os.path.isfile(out / info["location"])
+    for shard in manifest["shards"]:
+        data = (out / shard["file"]).read_bytes()
+        assert len(data) == shard["nbytes"]
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")]
+
+
+def test_llama_multi_file_checkpoint(tmp_path):
+    import transformers
+
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=4, max_shard_size="150KB")
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").exists()
+    out = tmp_path / "out"
+
+    program = shardex.export(ckpt, out, max_shard_size="200KB")
+
+    assert isinstance(program, torch.onnx.ONNXProgram)
+    manifest = shardex.load_manifest(out)
+    assert manifest["status"] == "complete"
+    verification = manifest["verification"]
+    assert verification["passed"] and len(verification["blocks"]) == 4
+    assert all(c["max_abs_diff"] <= 1e-4 for c in verification["outputs"] + verification["blocks"])
+
+    # One function, called once per layer.
+    proto = onnx.load(out / "model.onnx", load_external_data=False)
+    assert [f.name for f in proto.functions] == ["LlamaDecoderLayer"]
+    calls = [n for n in proto.graph.node if n.domain == "shardex.blocks"]
+    assert [n.name for n in calls] == [f"model.layers.{i}" for i in range(4)]
+    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+
+    # Plain ONNX Runtime at sizes other than the example's, against transformers itself.
+    reference = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
+    for batch, seq in [(1, 5), (3, 13)]:
+        feeds = token_feeds(batch, seq)
+        with torch.no_grad():
+            expected = reference(**feeds).logits.numpy()
+        (logits,) = run_onnx(out / "model.onnx", feeds)
+        assert logits.shape == expected.shape
+        assert np.abs(logits - expected).max() <= 1e-4
+
+    assert_shards_sound(out, manifest)
+    checkpoint_bytes = sum(os.path.getsize(f) for f in manifest["source"]["files"])
+    shard_bytes = sum(s["nbytes"] for s in manifest["shards"])
+    assert 0.9 * checkpoint_bytes <= shard_bytes <= 1.1 * checkpoint_bytes + 4096 * len(manifest["shards"])
+
+
+def test_gpt2_tied_weights_stored_once(tmp_path):
+    import transformers
+
+    ckpt = models.make_gpt2(tmp_path / "ckpt", layers=3)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out)
+
+    initializers = external_initializers(out / "model.onnx")
+    assert "transformer.wte.weight" in initializers and "lm_head.weight" not in initializers
+    manifest = shardex.load_manifest(out)
+    assert manifest["verification"]["passed"]
+    reference = transformers.GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    stored = sum(int(i["length"]) for i in initializers.values())
+    assert stored == sum(p.numel() * 4 for p in reference.parameters())  # tied ones counted once
+    feeds = token_feeds(2, 9)
+    with torch.no_grad():
+        expected = reference(**feeds).logits.numpy()
+    (logits, *_) = run_onnx(out / "model.onnx", feeds)
+    assert np.abs(logits - expected).max() <= 1e-4
+
+
+def test_factory_model_with_dynamic_axes(tmp_path):
+    weights = tmp_path / "stack.safetensors"
+    reference = models.save_block_stack(weights)
+    out = tmp_path / "out"
+    shardex.export(
+        "tests.models:make_block_stack",
+        out,
+        weights=weights,
+        args=(torch.randn(2, 5, 16),),
+        dynamic_shapes=({0: "batch", 1: "steps"},),
+    )
+    manifest = shardex.load_manifest(out)
+    assert manifest["verification"]["passed"]
+    assert [g["members"] for g in manifest["plan"]["groups"]] == [[f"blocks.{i}" for i in range(4)]]
+    x = torch.randn(3, 11, 16)
+    with torch.no_grad():
+        expected = reference(x).numpy()
+    (actual,) = run_onnx(out / "model.onnx", {"x": x})
+    assert np.abs(actual - expected).max() <= 1e-4
+
+
+def test_in_memory_module_with_tied_noncontiguous_and_buffer(tmp_path):
+    torch.manual_seed(0)
+    model = models.TiedEmbeddingModel().eval()
+    out = tmp_path / "out"
+    ids = torch.randint(0, 64, (2, 6))
+    shardex.export(model, out, args=(ids,), dynamic_shapes=({0: "batch", 1: "sequence"},))
+
+    initializers = external_initializers(out / "model.onnx")
+    assert "embed.weight" in initializers and "lm_head.weight" not in initializers
+    assert "scale" in initializers  # the non-persistent buffer is materialized
+    test_ids = torch.randint(0, 64, (4, 3))
+    with torch.no_grad():
+        expected = model(test_ids).numpy()
+    (actual,) = run_onnx(out / "model.onnx", {"ids": test_ids})
+    assert np.abs(actual - expected).max() <= 1e-4
+
+
+def test_inline_gives_flat_graph_with_same_outputs(tmp_path):
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=3)
+    shardex.export(ckpt, tmp_path / "functions", verify=False)
+    shardex.export(ckpt, tmp_path / "flat", inline=True)
+
+    flat = onnx.load(tmp_path / "flat" / "model.onnx", load_external_data=False)
+    assert not flat.functions
+    assert not [n for n in flat.graph.node if n.domain.startswith("shardex")]
+    feeds = token_feeds(2, 7)
+    (with_functions,) = run_onnx(tmp_path / "functions" / "model.onnx", feeds)
+    (inlined,) = run_onnx(tmp_path / "flat" / "model.onnx", feeds)
+    np.testing.assert_allclose(inlined, with_functions, atol=1e-5)
+    assert shardex.load_manifest(tmp_path / "flat")["verification"]["passed"]
+
+
+def corrupt_tensor(out, name: str) -> None:
+    """Scale one stored float32 tensor in place, as a bad disk or a bad conversion would."""
+    info = external_initializers(out / "model.onnx")[name]
+    path, offset, length = out / info["location"], int(info["offset"]), int(info["length"])
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        values = np.frombuffer(f.read(length), dtype=np.float32) * 3.0 + 0.5
+        f.seek(offset)
+        f.write(values.astype(np.float32).tobytes())
+
+
+def test_corrupted_weight_is_pinned_to_its_block(tmp_path):
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=4)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, verify=False)
+    corrupt_tensor(out, "model.layers.2.mlp.down_proj.weight")
+
+    with pytest.raises(shardex.VerificationError) as caught:
+        shardex.verify(out)
+
+    message = str(caught.value)
+    assert "model.layers.2" in message and "\n" not in message
+    failed = {c.name for c in caught.value.failures}
+    assert "model.layers.2" in failed
+    assert not failed & {"model.layers.0", "model.layers.1", "model.layers.3"}
+    assert any(name.startswith("output:") for name in failed)  # the global check fails too
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "verification_failed"
+    assert manifest["verification"]["shard_hash_mismatches"]
+
+
+def test_bf16_checkpoint_is_verified_on_cpu(tmp_path):
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=2, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out)
+
+    manifest = shardex.load_manifest(out)
+    verification = manifest["verification"]
+    assert verification["passed"] and "float32-promoted" in verification["method"]
+    dtypes = {i["dtype"] for i in external_initializers(out / "model.onnx").values()}
+    assert onnx.TensorProto.BFLOAT16 in dtypes
+    checkpoint_bytes = sum(os.path.getsize(f) for f in manifest["source"]["files"])
+    assert sum(s["nbytes"] for s in manifest["shards"]) < 1.2 * checkpoint_bytes
+
+
+def test_float16_conversion_while_streaming(tmp_path):
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=2)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, dtype="float16")
+
+    manifest = shardex.load_manifest(out)
+    assert manifest["verification"]["passed"]
+    initializers = external_initializers(out / "model.onnx")
+    assert initializers["model.layers.0.mlp.up_proj.weight"]["dtype"] == onnx.TensorProto.FLOAT16
+    checkpoint_bytes = sum(os.path.getsize(f) for f in manifest["source"]["files"])
+    assert sum(s["nbytes"] for s in manifest["shards"]) < 0.6 * checkpoint_bytes
