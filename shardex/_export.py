@@ -292,9 +292,6 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
     ]
     progress = _Progress(len(plan.groups) + 1, sum(s.size for s in plan.shards))
 
-    def on_done(task: _ray.Task, result) -> None:
-        progress.done(task.label, result)
-
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as local:
         local_results = [
             local.submit(
@@ -303,9 +300,11 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
             for s in plan.shards
             if s.from_memory
         ]
-        results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=on_done)
+        results = _ray.run_tasks(
+            tasks, max_in_flight=workers, on_done=lambda task, result: progress.done(result)
+        )
         for future in local_results:
-            progress.done("write (local)", future.result())
+            progress.done(future.result())
     trunk = results[0]
     blocks = {g.id: piece for g, piece in zip(plan.groups, results[1 : 1 + len(plan.groups)])}
     shard_results = {r.file: r for r in results[1 + len(plan.groups) :]}
@@ -319,18 +318,17 @@ class _Progress:
     def __init__(self, pieces: int, total_bytes: int) -> None:
         self.pieces, self.captured = pieces, 0
         self.total_bytes, self.written = total_bytes, 0
-        self.start = time.perf_counter()
 
-    def done(self, label: str, result) -> None:
+    def done(self, result) -> None:
         if isinstance(result, ShardResult):
             self.written += result.nbytes
-            rate = self.written / max(time.perf_counter() - self.start, 1e-9) / 1e6
             logger.info(
-                "weights: %s written, %.1f/%.1f MB (%.0f MB/s)",
+                "weights: %s written (%.1f MB at %.0f MB/s), %.1f/%.1f MB done",
                 result.file,
+                result.nbytes / 1e6,
+                result.nbytes / max(result.seconds, 1e-9) / 1e6,
                 self.written / 1e6,
                 self.total_bytes / 1e6,
-                rate,
             )
         else:
             self.captured += 1

@@ -54,7 +54,11 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     except Exception as e:
         where = address or "a local Ray"
         raise ShardexError(f"cannot start or join Ray at {where}: {type(e).__name__}: {e}") from e
-    logger.info("Ray %s ready in %.1fs", "joined" if address else "started", time.perf_counter() - start)
+    logger.info(
+        "Ray %s in %.1fs",
+        f"joined at {address}" if address else "started locally",
+        time.perf_counter() - start,
+    )
     try:
         yield context.address_info.get("address", "local")
     finally:

@@ -1,0 +1,131 @@
+"""Write a random-weight Llama-architecture checkpoint, as `save_pretrained` lays it out.
+
+Used by the README demo and the benchmarks. Weights are drawn from a pool of normal(0, 0.02)
+values so a 13 GB checkpoint takes seconds of CPU, not minutes; the skeleton comes from
+transformers on the meta device, so names and shapes are exactly the real model's.
+
+    python scripts/make_checkpoint.py OUT_DIR [--hidden 512 --layers 8 --dtype float32 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import sys
+import time
+
+import numpy as np
+import torch
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+POOL_VALUES = 1 << 24
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output_dir")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden, rounded")
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--shard-gb", type=float, default=5.0, help="max size of one safetensors file")
+    return parser.parse_args(argv)
+
+
+def llama_config(args: argparse.Namespace):
+    import transformers
+
+    intermediate = args.intermediate or int(round(args.hidden * 2.75 / 256)) * 256
+    return transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads or args.heads,
+        max_position_embeddings=4096,
+        dtype=args.dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+def write_checkpoint(config, output_dir: str, dtype: torch.dtype, shard_bytes: int) -> int:
+    """Write config.json, the safetensors files and the index; return the bytes written."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    tensors = [(n, tuple(p.shape)) for n, p in model.state_dict().items() if not n.endswith("inv_freq")]
+    pool = (
+        torch.from_numpy(np.random.default_rng(0).standard_normal(POOL_VALUES, dtype=np.float32)) * 0.02
+    ).to(dtype)
+    pool_bytes = pool.view(torch.uint8).numpy()
+    itemsize = pool.element_size()
+
+    files: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = int(np.prod(shape)) * itemsize
+        if files[-1] and size + nbytes > shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append((name, shape))
+        size += nbytes
+
+    os.makedirs(output_dir, exist_ok=True)
+    config.save_pretrained(output_dir)
+    weight_map = {}
+    total = 0
+    rng = np.random.default_rng(1)
+    for i, members in enumerate(files):
+        file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        header, offset = {}, 0
+        for name, shape in members:
+            nbytes = int(np.prod(shape)) * itemsize
+            header[name] = {
+                "dtype": SAFETENSORS_DTYPES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+            weight_map[name] = file
+        encoded = json.dumps({"__metadata__": {"format": "pt"}, **header}, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(os.path.join(output_dir, file), "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for name, shape in members:
+                remaining = int(np.prod(shape)) * itemsize
+                while remaining:
+                    start = int(rng.integers(0, pool_bytes.size // 2 // itemsize)) * itemsize
+                    chunk = pool_bytes[start : start + min(remaining, pool_bytes.size - start)]
+                    f.write(chunk)
+                    remaining -= chunk.size
+        total += offset
+    with open(os.path.join(output_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = llama_config(args)
+    start = time.perf_counter()
+    total = write_checkpoint(config, args.output_dir, getattr(torch, args.dtype), int(args.shard_gb * 1e9))
+    params = total // torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
+    print(
+        f"wrote {args.output_dir}: Llama, {args.layers} layers, hidden {args.hidden}, {params / 1e9:.2f}B parameters, "
+        f"{total / 1e9:.2f} GB {args.dtype} in {time.perf_counter() - start:.1f}s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

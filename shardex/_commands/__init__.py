@@ -1,0 +1,78 @@
+"""The `shardex` subcommands, one module each: ``add_parser(subparsers)`` + ``run(args) -> int``.
+
+This package holds what they share: exit codes, the parser class that reports usage errors in
+one line, the flags every command takes, and loading an export directory as user input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from shardex._errors import ShardexError
+from shardex._export import load_manifest
+
+EXIT_OK = 0
+EXIT_VERIFICATION_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    verification failed: ONNX Runtime disagrees with PyTorch or a shard's sha256 changed
+       (zoo: at least one model did not finish; see its summary)
+  2    bad input or usage: missing path, not a checkpoint, bad flag value, bad manifest
+  3    internal failure: capture, weight streaming or stitching failed, or a bug in shardex
+  130  interrupted (Ctrl-C or SIGTERM)"""
+
+
+class UsageError(ShardexError):
+    """The command line or a file the user named is wrong; the message says how to fix it."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises `UsageError` instead of printing usage and exiting, so
+    every bad input ends as one ``shardex: error: ...`` line (and a zoo entry can be checked)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def add_output_flags(parser: argparse.ArgumentParser, *, json_help: str | None) -> None:
+    """The flags every command takes; `json_help` None for commands without a JSON result."""
+    group = parser.add_argument_group("output")
+    if json_help:
+        group.add_argument("--json", action="store_true", help=json_help)
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress or warnings on stderr; errors still show"
+    )
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show progress on stderr even when it is not a terminal (e.g. redirected to a log)",
+    )
+    group.add_argument("--debug", action="store_true", help="debug logging, and a full traceback on errors")
+
+
+def load_export(output_dir: str) -> dict:
+    """The manifest of a finished export; a missing or unreadable one is the user's input error."""
+    if not os.path.isdir(output_dir):
+        raise UsageError(f"{output_dir} is not a directory; pass the output directory of `shardex export`.")
+    try:
+        return load_manifest(output_dir)
+    except ShardexError as e:
+        raise UsageError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"the manifest.json in {output_dir} is unreadable ({e}); export the model again with --overwrite."
+        ) from None
+
+
+def print_json(data: dict) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
