@@ -100,7 +100,7 @@ def write_checkpoint(config, output_dir: str, dtype: torch.dtype, shard_bytes: i
         encoded += b" " * (-len(encoded) % 8)
         with open(os.path.join(output_dir, file), "wb") as f:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
-            for name, shape in members:
+            for _, shape in members:
                 remaining = int(np.prod(shape)) * itemsize
                 while remaining:
                     start = int(rng.integers(0, pool_bytes.size // 2 // itemsize)) * itemsize

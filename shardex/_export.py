@@ -28,9 +28,10 @@ from shardex import _ray
 from shardex._capture import capture_block, capture_trunk
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, VerificationError
+from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
-from shardex._stitch import BLOCK_DOMAIN, add_block_functions, inline_blocks, stitch
+from shardex._stitch import inline_blocks, stitch
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -115,22 +116,16 @@ def export(
         timings["plan"],
     )
 
-    with _ray.ray_session(address):
+    with _ray.ray_session(address), ProcessTreeSampler() as memory_sampler:
         clock = time.perf_counter()
         trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers)
         timings["capture_and_weights"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
         model = stitch(plan, trunk, blocks, out)
-        functions = (
-            ir.Model(
-                ir.Graph([], [], nodes=[]), ir_version=model.ir_version, functions=model.functions.values()
-            )
-            if inline
-            else model
-        )
+        # Verification runs the function form block by block; the flat graph is its inlining.
+        program = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if inline and verify else model
         if inline:
-            functions.opset_imports.update(model.opset_imports)
             inline_blocks(model)
         model_path = _save_model(model, out)
         _save_example_inputs(plan, out)
@@ -139,7 +134,7 @@ def export(
         report = None
         if verify:
             clock = time.perf_counter()
-            report = _verify(plan, memory, out, model_path, functions, atol, rtol, workers)
+            report = _verify(plan, memory, out, program, atol, rtol, workers)
             timings["verify"] = time.perf_counter() - clock
 
     timings["total"] = time.perf_counter() - started
@@ -154,7 +149,9 @@ def export(
         "rtol": rtol,
         "trust_remote_code": trust_remote_code,
     }
-    _write_manifest(out, plan, shard_results, model_path, timings, report, options, trunk, blocks)
+    _write_manifest(
+        out, plan, shard_results, model_path, timings, report, options, trunk, blocks, memory_sampler.peak
+    )
     logger.info("exported to %s in %.1fs", out, timings["total"])
     if report is not None and not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
@@ -211,17 +208,15 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    model_path = os.path.join(out, MODEL_FILE)
-    model = ir.load(model_path)
     with _ray.ray_session(address):
-        if not all((BLOCK_DOMAIN, g.function_name, "") in model.functions for g in plan.groups):
-            # An inlined export has no functions left: capture the blocks again (cheap, weightless).
-            tasks = [
-                _ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups
-            ]
-            pieces = _ray.run_tasks(tasks, max_in_flight=workers)
-            add_block_functions(model, plan, {g.id: p for g, p in zip(plan.groups, pieces)})
-        report = _verify(plan, memory, out, model_path, model, atol, rtol, workers)
+        if options["inline"]:
+            # The flat graph has no block calls to stream by: rebuild its function form (cheap,
+            # weightless captures) and verify that, as export(inline=True) does.
+            trunk, blocks, _ = _capture_and_stream(dataclasses.replace(plan, shards=[]), memory, out, workers)
+            program = stitch(plan, trunk, blocks, out)
+        else:
+            program = ir.load(os.path.join(out, MODEL_FILE))
+        report = _verify(plan, memory, out, program, atol, rtol, workers)
     report.shard_hash_mismatches = [
         s["file"] for s in manifest["shards"] if file_sha256(os.path.join(out, s["file"])) != s["sha256"]
     ]
@@ -345,8 +340,9 @@ def _save_model(model: ir.Model, out: str) -> str:
     return path
 
 
-def _verify(plan, memory, out, model_path, functions: ir.Model, atol, rtol, workers) -> VerificationReport:
-    """Reference run here (streamed); the global check and one check per block group on Ray."""
+def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> VerificationReport:
+    """Reference run here (streamed); the streamed global check and one check per block group
+    on Ray. `program` is the stitched model in function form (before any inlining)."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
@@ -354,17 +350,16 @@ def _verify(plan, memory, out, model_path, functions: ir.Model, atol, rtol, work
     inputs = plan.example.resized()  # other sizes than the capture example: dynamic axes are exercised
     logger.info("verify: running the PyTorch reference block by block")
     reference = reference_run(plan, memory, inputs)
-    tasks = [
-        _ray.Task(
-            "verify global", verify_global, (model_path, inputs, reference.outputs, atol_, rtol_, promote)
-        )
-    ]
+    check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
+    program_bytes = ir.serde.serialize_model(program).SerializeToString()  # weights stay external
+    global_args = (program_bytes, check_models, plan, out, inputs, reference.outputs, atol_, rtol_, promote)
+    tasks = [_ray.Task("verify global", verify_global, global_args)]
     tasks += [
         _ray.Task(
             f"verify {g.function_name}",
             verify_block_group,
             (
-                block_check_model(functions, plan, g, promote),
+                check_models[g.function_name],
                 plan,
                 g,
                 {p: reference.boundaries[p] for p in g.members},
@@ -464,7 +459,7 @@ def _header_sha256(path: str) -> str:
 
 
 def _write_manifest(
-    out, plan, shards: list[ShardResult], model_path, timings, report, options, trunk, blocks
+    out, plan, shards: list[ShardResult], model_path, timings, report, options, trunk, blocks, peak_memory
 ) -> None:
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -485,6 +480,7 @@ def _write_manifest(
         "plan": plan.to_json(),
         "capture_seconds": {trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
         "timings": timings,
+        "peak_memory": dataclasses.asdict(peak_memory),
         "verification": report.to_json() if report is not None else None,
     }
     _write_json_atomic(out, MANIFEST_FILE, manifest)

@@ -21,6 +21,7 @@ import logging
 import os
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -177,25 +178,6 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
 # --- ONNX side -----------------------------------------------------------------------------
 
 
-def promote_to_float32(model: ir.Model) -> None:
-    """Rewrite bf16/fp16 types, casts and constants to float32 in place (see module doc).
-    Low-precision initializers keep their stored bytes and get an exact Cast to float32."""
-    graph = model.graph
-    for value in list(graph.initializers.values()):
-        if value.dtype in LOW_ONNX_TYPES:
-            users = list(value.uses())  # taken before the Cast exists: it uses `value` too
-            cast = ir.Node(
-                "", "Cast", inputs=[value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], num_outputs=1
-            )
-            graph.insert_before(graph[0], cast)
-            for user, index in users:
-                user.replace_input_with(index, cast.outputs[0])
-            cast.outputs[0].name = f"{value.name}.float32"
-            cast.outputs[0].dtype = ir.DataType.FLOAT
-    for graph_like in [graph, *model.functions.values()]:
-        _promote_graph(graph_like)
-
-
 def _promote_graph(graph: ir.Graph | ir.Function) -> None:
     for value in graph.inputs:
         _promote_value(value)
@@ -245,28 +227,31 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
 
 
 def verify_global(
-    model_path: str,
+    model_bytes: bytes,
+    check_models: dict[str, bytes],
+    plan: Plan,
+    output_dir: str,
     inputs: ExampleInputs,
     reference: list[np.ndarray],
     atol: float,
     rtol: float,
     promote: bool,
 ) -> list[CheckResult]:
-    """Run the saved model in ONNX Runtime and compare each output with PyTorch's."""
-    path = model_path
+    """Run the stitched program in ONNX Runtime, streamed, and compare its outputs with PyTorch's.
+
+    One session over the whole model would load every weight (ONNX Runtime copies external
+    data into its own memory). Instead the main graph runs in order as segments: the trunk
+    nodes between two block calls form one small model, each block call runs its function's
+    check model; every segment and call is fed its weights from the shards just before it runs.
+    Memory is about one block's weights plus the activations.
+    """
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
     if promote:
-        model = ir.load(model_path)
-        promote_to_float32(model)
-        path = os.path.join(os.path.dirname(model_path), ".verify-float32.onnx")
-        ir.save(model, path)
-    try:
-        sess = session(path)
-        feeds = {i.name: _to_numpy(t) for i, t in zip(sess.get_inputs(), inputs.flat_tensors())}
-        actual = sess.run(None, feeds)
-        names = [o.name for o in sess.get_outputs()]
-    finally:
-        if promote and os.path.exists(path):
-            os.remove(path)
+        for graph_like in [model.graph, *model.functions.values()]:
+            _promote_graph(graph_like)
+    runner = _StreamedRunner(model, check_models, plan, output_dir, promote)
+    feeds = {v.name: _to_numpy(t) for v, t in zip(model.graph.inputs, inputs.flat_tensors())}
+    actual = runner.run(feeds)
     if len(actual) != len(reference):
         return [
             CheckResult(
@@ -278,7 +263,101 @@ def verify_global(
                 False,
             )
         ]
+    names = [v.name for v in model.graph.outputs]
     return [compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(names, actual, reference)]
+
+
+class _StreamedRunner:
+    def __init__(
+        self, model: ir.Model, check_models: dict[str, bytes], plan: Plan, output_dir: str, promote: bool
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.output_dir = output_dir
+        self.promote = promote
+        self.check_models = check_models
+        self.sessions: dict[str, object] = {}
+        self.functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        graph = self.model.graph
+        env = dict(feeds)
+        segment: list[ir.Node] = []
+        for node in graph:
+            if node.domain == BLOCK_DOMAIN:
+                self._run_segment(segment, env)
+                segment = []
+                self._run_call(node, env)
+            else:
+                segment.append(node)
+        self._run_segment(segment, env)
+        return [env[v.name] for v in graph.outputs]
+
+    def _weight(self, name: str) -> np.ndarray:
+        return _read_shard_tensor(self.plan, self.output_dir, name)
+
+    def _run_call(self, node: ir.Node, env: dict[str, np.ndarray]) -> None:
+        if node.op_type not in self.sessions:
+            self.sessions[node.op_type] = session(self.check_models[node.op_type])
+        sess = self.sessions[node.op_type]
+        values = [env[v.name] if v.name in env else self._weight(v.name) for v in node.inputs]
+        feeds = {
+            meta.name: value.astype(_ort_numpy_dtype(meta.type), copy=False)
+            for meta, value in zip(sess.get_inputs(), values)
+        }
+        for value, result in zip(node.outputs, sess.run(None, feeds)):
+            env[value.name] = result
+
+    def _run_segment(self, nodes: list[ir.Node], env: dict[str, np.ndarray]) -> None:
+        if not nodes:
+            return
+        graph = self.model.graph
+        inside = {id(n) for n in nodes}
+        produced = {id(v) for n in nodes for v in n.outputs}
+        inputs, constants, seen = [], [], set()
+        for n in nodes:
+            for v in n.inputs:
+                if v is None or id(v) in produced or id(v) in seen:
+                    continue
+                seen.add(id(v))
+                if (
+                    v.name not in env
+                    and v.is_initializer()
+                    and not isinstance(v.const_value, ir.ExternalTensor)
+                ):
+                    constants.append(v)  # small constant stored in the graph itself
+                else:
+                    inputs.append(v)
+        graph_outputs = {id(v) for v in graph.outputs}
+        outputs = [
+            v
+            for n in nodes
+            for v in n.outputs
+            if id(v) in graph_outputs or any(id(use.node) not in inside for use in v.uses())
+        ]
+        if not outputs:
+            return
+        view = ir.GraphView(
+            inputs, outputs, nodes=nodes, initializers=constants, opset_imports=graph.opset_imports
+        )
+        proto = ir.serde.serialize_graph(view)
+        feeds = {v.name: env[v.name] if v.name in env else self._weight(v.name) for v in inputs}
+        for value_info in proto.input:  # types from the actual arrays (promotion changed some)
+            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                feeds[value_info.name].dtype
+            )
+            value_info.type.tensor_type.ClearField("shape")
+        for value_info in proto.output:
+            value_info.type.tensor_type.ClearField("shape")
+        model = onnx.helper.make_model(
+            proto,
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in graph.opset_imports.items()],
+            functions=self.functions,
+            ir_version=self.model.ir_version,
+        )
+        results = session(model.SerializeToString()).run(None, feeds)
+        for value, result in zip(outputs, results):
+            env[value.name] = result
 
 
 def block_check_model(model: ir.Model, plan: Plan, group: BlockGroup, promote: bool) -> bytes:

@@ -161,6 +161,7 @@ def test_inline_gives_flat_graph_with_same_outputs(tmp_path):
     (inlined,) = run_onnx(tmp_path / "flat" / "model.onnx", feeds)
     np.testing.assert_allclose(inlined, with_functions, atol=1e-5)
     assert shardex.load_manifest(tmp_path / "flat")["verification"]["passed"]
+    assert shardex.verify(tmp_path / "flat").passed  # re-verification rebuilds the function form
 
 
 def corrupt_tensor(out, name: str) -> None:
