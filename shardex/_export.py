@@ -11,7 +11,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -43,7 +42,7 @@ from shardex._verify import (
     verify_block_group,
     verify_global,
 )
-from shardex._weights import ShardResult, file_sha256, write_shard
+from shardex._weights import ShardResult, file_sha256, header_sha256, link_shard, write_shard
 
 logger = logging.getLogger("shardex")
 
@@ -73,6 +72,7 @@ def export(
     workers: int | None = None,
     overwrite: bool = False,
     trust_remote_code: bool = False,
+    zero_copy: bool = False,
 ) -> torch.onnx.ONNXProgram:
     """Export `source` to ONNX in `output_dir` without ever holding all of its weights.
 
@@ -81,7 +81,9 @@ def export(
     `args`/`kwargs` are example inputs as for ``torch.onnx.export`` (token ids are generated for
     models with a vocabulary); `dynamic_shapes` maps each input (kwarg name, or position in a
     tuple) to ``{dim: "axis_name"}``. Work runs on Ray: the cluster at `address` or
-    ``RAY_ADDRESS``, else a local Ray started and stopped here.
+    ``RAY_ADDRESS``, else a local Ray started and stopped here. `zero_copy` writes no weight
+    copies: the external data points into the source safetensors files, hard-linked into
+    `output_dir` (which must be on the same filesystem); see DESIGN.md for the trade-offs.
 
     Returns the stitched program; raises `VerificationError` (after writing everything, with
     the numbers in the manifest) when ONNX Runtime disagrees with PyTorch.
@@ -105,6 +107,7 @@ def export(
         max_shard_size=shard_bytes,
         opset=opset,
         module=source if isinstance(source, nn.Module) else None,
+        zero_copy=zero_copy,
     )
     timings["plan"] = time.perf_counter() - clock
     logger.info(
@@ -148,6 +151,7 @@ def export(
         "atol": atol,
         "rtol": rtol,
         "trust_remote_code": trust_remote_code,
+        "zero_copy": zero_copy,
     }
     _write_manifest(
         out, plan, shard_results, model_path, timings, report, options, trunk, blocks, memory_sampler.peak
@@ -200,6 +204,7 @@ def verify(
         block_pattern=options["block_pattern"],
         max_shard_size=options["max_shard_size"],
         opset=options["opset"],
+        zero_copy=options.get("zero_copy", False),
     )
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
     if [(s.file, s.size) for s in plan.shards] != expected:
@@ -218,7 +223,7 @@ def verify(
             program = ir.load(os.path.join(out, MODEL_FILE))
         report = _verify(plan, memory, out, program, atol, rtol, workers)
     report.shard_hash_mismatches = [
-        s["file"] for s in manifest["shards"] if file_sha256(os.path.join(out, s["file"])) != s["sha256"]
+        s["file"] for s in manifest["shards"] if _shard_hash(out, s) != s["sha256"]
     ]
     report.seconds = time.perf_counter() - clock
     manifest["verification"] = report.to_json()
@@ -227,6 +232,11 @@ def verify(
     if not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return report
+
+
+def _shard_hash(out: str, shard: dict) -> str:
+    path = os.path.join(out, shard["file"])
+    return header_sha256(path) if shard.get("hashed") == "header" else file_sha256(path)
 
 
 def _check_run_options(workers: int | None, atol: float | None, rtol: float | None) -> None:
@@ -272,7 +282,7 @@ def _prepare_output_dir(path: str, overwrite: bool) -> str:
 
 def _is_shard_file(name: str) -> bool:
     bare = name.removeprefix(".").removesuffix(".partial")
-    return bare.startswith("model-") and bare.endswith(".data") or name.startswith(".verify")
+    return bare.startswith("model-") and bare.endswith((".data", ".safetensors"))
 
 
 def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
@@ -280,9 +290,9 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
     entries = {t.name: t for t in plan.tensors}
     tasks = [_ray.Task("capture trunk", capture_trunk, (plan,))]
     tasks += [_ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups]
-    file_shards = [s for s in plan.shards if not s.from_memory]
+    file_shards = [s for s in plan.shards if not s.from_memory and not s.link_target]
     tasks += [
-        _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out))
+        _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
         for s in file_shards
     ]
     progress = _Progress(len(plan.groups) + 1, sum(s.size for s in plan.shards))
@@ -295,6 +305,7 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
             for s in plan.shards
             if s.from_memory
         ]
+        local_results += [local.submit(link_shard, s, out) for s in plan.shards if s.link_target]
         results = _ray.run_tasks(
             tasks, max_in_flight=workers, on_done=lambda task, result: progress.done(result)
         )
@@ -445,17 +456,7 @@ def _source_hashes(plan: Plan) -> list[dict]:
     config = os.path.join(plan.source.location, "config.json") if plan.source.kind == "hf" else None
     if config:
         files.insert(0, config)
-    return [{"path": p, "bytes": os.path.getsize(p), "header_sha256": _header_sha256(p)} for p in files]
-
-
-def _header_sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        if path.endswith(".safetensors"):
-            length = int.from_bytes(f.read(8), "little")
-            data = f.read(length)
-        else:
-            data = f.read()
-    return hashlib.sha256(data).hexdigest()
+    return [{"path": p, "bytes": os.path.getsize(p), "header_sha256": header_sha256(p)} for p in files]
 
 
 def _write_manifest(

@@ -11,6 +11,7 @@ import dataclasses
 import fnmatch
 import inspect
 import logging
+import os
 import re
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shardex._dtypes import dtype_name
+from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
 from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint
 
@@ -99,6 +100,7 @@ class ShardSpec:
     size: int
     tensors: list[str]
     from_memory: bool
+    link_target: str | None = None  # zero-copy: the file is a hard link to this source file
 
 
 @dataclasses.dataclass
@@ -211,6 +213,7 @@ def make_plan(
     max_shard_size: int,
     opset: int | None,
     module: nn.Module | None = None,
+    zero_copy: bool = False,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Plan the export. Returns the plan and the tensors the coordinator itself must supply
     (non-persistent buffers; every tensor of `module`, the real in-memory model if the source
@@ -226,7 +229,9 @@ def make_plan(
     skeleton.to("meta")
     calls, output_names = record_calls(skeleton, hole_paths, example)
     groups = _group_blocks(skeleton, hole_paths, calls)
-    shards = _assign_shards(tensors, max_shard_size)
+    if zero_copy:
+        _check_zero_copy(tensors, source)
+    shards = _assign_shards(tensors, max_shard_size, zero_copy)
     alias_to_name = {alias: t.name for t in tensors for alias in t.aliases}
     plan = Plan(source, dtype, example, output_names, groups, tensors, shards, opset, alias_to_name)
     return plan, memory
@@ -544,30 +549,56 @@ def _group_blocks(
     return list(groups.values())
 
 
-def _assign_shards(tensors: list[TensorEntry], max_shard_size: int) -> list[ShardSpec]:
+def _check_zero_copy(tensors: list[TensorEntry], source: Source) -> None:
+    if source.kind == "module":
+        raise PlanError("zero_copy needs weights in safetensors files; an in-memory module has none.")
+    converted = [
+        t.name
+        for t in tensors
+        if t.source is not None and SAFETENSORS_TO_TORCH[t.source.dtype] != getattr(torch, t.dtype)
+    ]
+    if converted:
+        raise PlanError(
+            f"zero_copy cannot convert dtypes, but {len(converted)} tensor(s) differ from the model's dtype "
+            f"(e.g. {converted[0]}); drop dtype= or zero_copy=."
+        )
+
+
+def _assign_shards(tensors: list[TensorEntry], max_shard_size: int, zero_copy: bool) -> list[ShardSpec]:
     """Pack tensors in model order into shards of at most `max_shard_size` bytes (a larger
     tensor gets a shard of its own), every offset page-aligned. Memory-held tensors get their
-    own shards: the coordinator writes those, workers write the rest."""
-    layouts: list[tuple[bool, list[TensorEntry], int]] = []
-    for from_memory in (False, True):
+    own shards: the coordinator writes those, workers write the rest.
+
+    With `zero_copy`, file-sourced tensors are not copied: each source file becomes a "shard"
+    that is a hard link to it, and tensors keep their offsets inside it."""
+    layouts: list[tuple[list[TensorEntry], int, str | None]] = []
+    if zero_copy:
+        for file in dict.fromkeys(t.source.file for t in tensors if t.source is not None):
+            members = [t for t in tensors if t.source is not None and t.source.file == file]
+            for t in members:
+                t.offset = t.source.offset
+            layouts.append((members, os.path.getsize(file), file))
+    for from_memory in (True,) if zero_copy else (False, True):
         current: list[TensorEntry] = []
         size = 0
         for t in (t for t in tensors if (t.source is None) == from_memory):
             offset = _align(size)
             if current and offset + t.nbytes > max_shard_size:
-                layouts.append((from_memory, current, size))
+                layouts.append((current, size, None))
                 current, offset = [], 0
             t.offset = offset
             current.append(t)
             size = offset + t.nbytes
         if current:
-            layouts.append((from_memory, current, size))
+            layouts.append((current, size, None))
     shards = []
-    for i, (from_memory, members, size) in enumerate(layouts):
-        file = f"model-{i + 1:05d}-of-{len(layouts):05d}.data"
+    for i, (members, size, link_target) in enumerate(layouts):
+        suffix = "safetensors" if link_target else "data"
+        file = f"model-{i + 1:05d}-of-{len(layouts):05d}.{suffix}"
         for t in members:
             t.shard = file
-        shards.append(ShardSpec(file, size, [t.name for t in members], from_memory))
+        from_memory = members[0].source is None
+        shards.append(ShardSpec(file, size, [t.name for t in members], from_memory, link_target))
     return shards
 
 

@@ -70,28 +70,41 @@ class Task:
     label: str
     fn: Callable
     args: tuple
+    # Kernel copies and fsync barely use a CPU: such tasks take no CPU slot, so weight streaming
+    # overlaps capture instead of queueing behind it. They are bounded separately.
+    io_bound: bool = False
 
 
 def run_tasks(
     tasks: list[Task], *, max_in_flight: int | None, on_done: Callable[[Task, Any], None] | None = None
 ) -> list:
-    """Run `tasks` as Ray tasks (one CPU each), at most `max_in_flight` at once; results in
-    task order. A stage error raised on a worker is re-raised here as itself."""
+    """Run `tasks` as Ray tasks, at most `max_in_flight` CPU tasks and as many I/O tasks at once
+    (default: the cluster's CPU count); results in task order. A stage error raised on a worker
+    is re-raised here as itself; a task whose worker dies is retried by Ray."""
     import ray
 
     remote = {}
     pending: dict[Any, int] = {}
     results: list = [None] * len(tasks)
     queue = list(enumerate(tasks))
-    limit = max_in_flight or len(tasks) or 1
+    limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    running = {False: 0, True: 0}
     try:
         while queue or pending:
-            while queue and len(pending) < limit:
-                index, task = queue.pop(0)
-                fn = remote.setdefault(task.fn, ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(task.fn))
-                pending[fn.options(name=task.label).remote(*task.args)] = index
+            for index, task in list(queue):
+                if running[task.io_bound] >= limit:
+                    continue
+                key = (task.fn, task.io_bound)
+                if key not in remote:
+                    remote[key] = ray.remote(num_cpus=0 if task.io_bound else 1, max_retries=TASK_RETRIES)(
+                        task.fn
+                    )
+                pending[remote[key].options(name=task.label).remote(*task.args)] = index
+                running[task.io_bound] += 1
+                queue.remove((index, task))
             done, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(done[0])
+            running[tasks[index].io_bound] -= 1
             results[index] = _get(done[0], tasks[index])
             if on_done:
                 on_done(tasks[index], results[index])

@@ -35,6 +35,8 @@ class ShardResult:
     nbytes: int
     sha256: str
     seconds: float
+    hashed: str = "file"  # "header" for a zero-copy link: its data is not read
+    link_target: str | None = None
 
 
 def partial_path(output_dir: str, file: str) -> str:
@@ -73,6 +75,38 @@ def write_shard(
         _remove_quietly(partial)
         raise
     return ShardResult(shard.file, shard.size, digest, time.perf_counter() - start)
+
+
+def link_shard(shard: ShardSpec, output_dir: str) -> ShardResult:
+    """Zero-copy: the shard is a hard link to the source safetensors file, identified by its
+    header hash. A hard link, not a symlink: ONNX Runtime resolves symlinks and refuses external
+    data outside the model's directory. Hard links need one filesystem."""
+    start = time.perf_counter()
+    assert shard.link_target, f"Bug: {shard.file} is not a link shard"
+    partial = partial_path(output_dir, shard.file)
+    _remove_quietly(partial)
+    try:
+        os.link(shard.link_target, partial)
+    except OSError as e:
+        raise WeightsError(
+            f"zero_copy cannot hard-link {shard.link_target} into {output_dir} ({e.strerror}); put the "
+            "output on the checkpoint's filesystem, or export without zero_copy.",
+            shard=shard.file,
+        ) from e
+    os.replace(partial, os.path.join(output_dir, shard.file))
+    digest = header_sha256(shard.link_target)
+    return ShardResult(
+        shard.file, shard.size, digest, time.perf_counter() - start, "header", shard.link_target
+    )
+
+
+def header_sha256(path: str) -> str:
+    """sha256 of a safetensors file's header (names, dtypes, shapes, offsets), or of a whole
+    small file such as config.json."""
+    with open(path, "rb") as f:
+        if path.endswith(".safetensors"):
+            return hashlib.sha256(f.read(int.from_bytes(f.read(8), "little"))).hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _remove_quietly(path: str) -> None:

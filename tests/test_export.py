@@ -220,3 +220,24 @@ def test_float16_conversion_while_streaming(tmp_path):
     assert initializers["model.layers.0.mlp.up_proj.weight"]["dtype"] == onnx.TensorProto.FLOAT16
     checkpoint_bytes = sum(os.path.getsize(f) for f in manifest["source"]["files"])
     assert sum(s["nbytes"] for s in manifest["shards"]) < 0.6 * checkpoint_bytes
+
+
+def test_zero_copy_points_into_the_source_files(tmp_path):
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=3, max_shard_size="150KB")
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, zero_copy=True)
+
+    manifest = shardex.load_manifest(out)
+    assert manifest["verification"]["passed"]
+    links = [s for s in manifest["shards"] if s["link_target"]]
+    assert len(links) == len(manifest["source"]["files"])
+    for shard in links:
+        assert os.path.samefile(out / shard["file"], shard["link_target"]) and shard["hashed"] == "header"
+    copied = sum(s["nbytes"] for s in manifest["shards"] if not s["link_target"])
+    assert copied < 16 * 1024  # only the materialized rotary buffers are written
+    feeds = token_feeds(2, 6)
+    (logits,) = run_onnx(out / "model.onnx", feeds)
+    assert logits.shape == (2, 6, 128)
+    assert shardex.verify(out).passed
+    with pytest.raises(shardex.PlanError, match="zero_copy cannot convert"):
+        shardex.export(ckpt, tmp_path / "converted", zero_copy=True, dtype="float16")
