@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -50,6 +51,9 @@ MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "shardex/1"
 INPUTS_FILE = "inputs.safetensors"
+JOURNAL_FILE = ".journal.json"
+# Files an export may leave in its directory besides shards (report and timeline: see the CLI, _ray).
+OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, "report.html", "timeline.json"}
 
 
 def export(
@@ -71,6 +75,7 @@ def export(
     address: str | None = None,
     workers: int | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     trust_remote_code: bool = False,
     zero_copy: bool = False,
 ) -> torch.onnx.ONNXProgram:
@@ -84,6 +89,8 @@ def export(
     ``RAY_ADDRESS``, else a local Ray started and stopped here. `zero_copy` writes no weight
     copies: the external data points into the source safetensors files, hard-linked into
     `output_dir` (which must be on the same filesystem); see DESIGN.md for the trade-offs.
+    `resume` continues an export that was killed: shards already written whose sha256 matches
+    are kept; an output directory holding another model's export is refused.
 
     Returns the stitched program; raises `VerificationError` (after writing everything, with
     the numbers in the manifest) when ONNX Runtime disagrees with PyTorch.
@@ -92,7 +99,21 @@ def export(
     dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
     shard_bytes = _option(parse_size, max_shard_size)
     _check_run_options(workers, atol, rtol)
-    out = _prepare_output_dir(os.fspath(output_dir), overwrite)
+    if overwrite and resume:
+        raise OptionsError("overwrite and resume contradict each other; pass one of them.")
+    options = {
+        "dtype": dtype_name(dtype_) if dtype_ else None,
+        "opset": opset,
+        "block_pattern": block_pattern,
+        "max_shard_size": shard_bytes,
+        "inline": inline,
+        "verify": verify,
+        "atol": atol,
+        "rtol": rtol,
+        "trust_remote_code": trust_remote_code,
+        "zero_copy": zero_copy,
+    }
+    out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
 
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -110,6 +131,8 @@ def export(
         zero_copy=zero_copy,
     )
     timings["plan"] = time.perf_counter() - clock
+    fingerprint = _fingerprint(plan, options)
+    journal = _Journal(out, fingerprint, _reusable_shards(out, plan, fingerprint) if resume else {})
     logger.info(
         "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
         len(plan.hole_paths),
@@ -121,7 +144,7 @@ def export(
 
     with _ray.ray_session(address), ProcessTreeSampler() as memory_sampler:
         clock = time.perf_counter()
-        trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers)
+        trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers, journal)
         timings["capture_and_weights"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -141,21 +164,20 @@ def export(
             timings["verify"] = time.perf_counter() - clock
 
     timings["total"] = time.perf_counter() - started
-    options = {
-        "dtype": dtype_name(dtype_) if dtype_ else None,
-        "opset": opset,
-        "block_pattern": block_pattern,
-        "max_shard_size": shard_bytes,
-        "inline": inline,
-        "verify": verify,
-        "atol": atol,
-        "rtol": rtol,
-        "trust_remote_code": trust_remote_code,
-        "zero_copy": zero_copy,
-    }
     _write_manifest(
-        out, plan, shard_results, model_path, timings, report, options, trunk, blocks, memory_sampler.peak
+        out,
+        plan,
+        shard_results,
+        model_path,
+        timings,
+        report,
+        options,
+        trunk,
+        blocks,
+        memory_sampler.peak,
+        journal,
     )
+    journal.close()
     logger.info("exported to %s in %.1fs", out, timings["total"])
     if report is not None and not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
@@ -254,9 +276,10 @@ def _option(parse, value):
         raise OptionsError(str(e)) from None
 
 
-def _prepare_output_dir(path: str, overwrite: bool) -> str:
-    """Create `path`, or reuse it when empty; with `overwrite`, clear a previous shardex export.
-    A directory holding anything else is refused: shardex never deletes files it did not write."""
+def _prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
+    """Create `path`, or reuse it when empty. With `overwrite`, clear a previous shardex export;
+    with `resume`, keep it for `_reusable_shards` to check. A directory holding anything else is
+    refused: shardex never deletes files it did not write."""
     out = os.path.abspath(path)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionsError(f"output {out} exists and is not a directory; choose a directory path.")
@@ -264,33 +287,39 @@ def _prepare_output_dir(path: str, overwrite: bool) -> str:
     existing = os.listdir(out)
     if not existing:
         return out
-    if not overwrite:
+    if not overwrite and not resume:
         raise OptionsError(
-            f"output directory {out} is not empty; choose an empty one or pass overwrite=True (--overwrite)."
+            f"output directory {out} is not empty; choose an empty one, or pass overwrite=True "
+            "(--overwrite) to replace a previous export or resume=True (--resume) to finish it."
         )
-    ours = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE}
-    foreign = [n for n in existing if n not in ours and not _is_shard_file(n)]
+    foreign = [n for n in existing if n not in OWN_FILES and not _is_shard_file(n)]
     if foreign:
         raise OptionsError(
             f"output directory {out} holds files shardex did not write (e.g. {foreign[0]}); "
-            "overwrite only replaces a previous shardex export. Choose another directory."
+            "shardex only replaces or resumes its own exports. Choose another directory."
         )
-    for name in existing:
-        os.remove(os.path.join(out, name))
+    if overwrite:
+        for name in existing:
+            os.remove(os.path.join(out, name))
     return out
 
 
 def _is_shard_file(name: str) -> bool:
     bare = name.removeprefix(".").removesuffix(".partial")
-    return bare.startswith("model-") and bare.endswith((".data", ".safetensors"))
+    return (bare.startswith("model-") and bare.endswith((".data", ".safetensors"))) or (
+        name.startswith(".") and name.endswith(".partial")
+    )
 
 
-def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
-    """Capture pieces and file-sourced shards on Ray; memory-held shards in a local thread."""
+def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None, journal: _Journal | None = None):
+    """Capture pieces and file-sourced shards on Ray; memory-held shards and zero-copy links in
+    a local thread. Shards the journal already holds (a resumed export) are not written again."""
     entries = {t.name: t for t in plan.tensors}
+    done = journal.results if journal else {}
+    todo = [s for s in plan.shards if s.file not in done]
     tasks = [_ray.Task("capture trunk", capture_trunk, (plan,))]
     tasks += [_ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups]
-    file_shards = [s for s in plan.shards if not s.from_memory and not s.link_target]
+    file_shards = [s for s in todo if not s.from_memory and not s.link_target]
     tasks += [
         _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
         for s in file_shards
@@ -302,20 +331,89 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None):
             local.submit(
                 write_shard, s, [entries[n] for n in s.tensors], out, {n: memory[n] for n in s.tensors}
             )
-            for s in plan.shards
+            for s in todo
             if s.from_memory
         ]
-        local_results += [local.submit(link_shard, s, out) for s in plan.shards if s.link_target]
-        results = _ray.run_tasks(
-            tasks, max_in_flight=workers, on_done=lambda task, result: progress.done(result)
-        )
+        local_results += [local.submit(link_shard, s, out) for s in todo if s.link_target]
+
+        def finished(result) -> None:
+            progress.done(result)
+            if journal and isinstance(result, ShardResult):
+                journal.record(result)
+
+        results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=lambda task, result: finished(result))
         for future in local_results:
-            progress.done(future.result())
+            finished(future.result())
     trunk = results[0]
     blocks = {g.id: piece for g, piece in zip(plan.groups, results[1 : 1 + len(plan.groups)])}
-    shard_results = {r.file: r for r in results[1 + len(plan.groups) :]}
+    shard_results = dict(done) | {r.file: r for r in results[1 + len(plan.groups) :]}
     shard_results.update({f.result().file: f.result() for f in local_results})
     return trunk, blocks, [shard_results[s.file] for s in plan.shards]
+
+
+class _Journal:
+    """The shards finished so far, persisted after each one so a killed export can resume.
+    Removed once the manifest (which holds the same results) is written."""
+
+    def __init__(self, out: str, fingerprint: str, reused: dict[str, ShardResult]) -> None:
+        self.out = out
+        self.fingerprint = fingerprint
+        self.results = dict(reused)
+        self.reused = set(reused)
+        self._write()
+        if reused:
+            logger.info(
+                "resume: keeping %d shard(s) already written (%s)", len(reused), ", ".join(sorted(reused))
+            )
+
+    def record(self, result: ShardResult) -> None:
+        self.results[result.file] = result
+        self._write()
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(r.nbytes for f, r in self.results.items() if f not in self.reused and r.hashed == "file")
+
+    def _write(self) -> None:
+        shards = [dataclasses.asdict(r) for r in self.results.values()]
+        _write_json_atomic(self.out, JOURNAL_FILE, {"fingerprint": self.fingerprint, "shards": shards})
+
+    def close(self) -> None:
+        os.remove(os.path.join(self.out, JOURNAL_FILE))
+
+
+def _fingerprint(plan: Plan, options: dict) -> str:
+    """Identity of an export's inputs: source (with header hashes), plan, options that change
+    the bytes. Equal fingerprints produce byte-identical shards and model."""
+    relevant = {k: v for k, v in options.items() if k not in ("verify", "atol", "rtol")}
+    identity = {"plan": plan.to_json(), "source": _source_hashes(plan), "options": relevant}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _reusable_shards(out: str, plan: Plan, fingerprint: str) -> dict[str, ShardResult]:
+    """Shards of an earlier run of the same export whose files still hash as recorded."""
+    previous = None
+    for name in (JOURNAL_FILE, MANIFEST_FILE):
+        path = os.path.join(out, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                previous = json.load(f)
+            break
+    if previous is None:
+        return {}
+    if previous.get("fingerprint") != fingerprint:
+        raise OptionsError(
+            f"output directory {out} holds an export of another model or with other options; "
+            "resume refuses to mix them. Choose another directory or pass overwrite=True (--overwrite)."
+        )
+    planned = {s.file for s in plan.shards}
+    reused = {}
+    for record in previous.get("shards", []):
+        result = ShardResult(**record)
+        path = os.path.join(out, result.file)
+        if result.file in planned and os.path.isfile(path) and _shard_hash(out, record) == result.sha256:
+            reused[result.file] = result
+    return reused
 
 
 class _Progress:
@@ -460,10 +558,21 @@ def _source_hashes(plan: Plan) -> list[dict]:
 
 
 def _write_manifest(
-    out, plan, shards: list[ShardResult], model_path, timings, report, options, trunk, blocks, peak_memory
+    out,
+    plan,
+    shards: list[ShardResult],
+    model_path,
+    timings,
+    report,
+    options,
+    trunk,
+    blocks,
+    peak_memory,
+    journal,
 ) -> None:
     manifest = {
         "format": MANIFEST_FORMAT,
+        "fingerprint": journal.fingerprint,
         "status": "complete" if report is None or report.passed else "verification_failed",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
@@ -482,6 +591,8 @@ def _write_manifest(
         "capture_seconds": {trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
         "timings": timings,
         "peak_memory": dataclasses.asdict(peak_memory),
+        "bytes_written": journal.bytes_written,
+        "reused_shards": sorted(journal.reused),
         "verification": report.to_json() if report is not None else None,
     }
     _write_json_atomic(out, MANIFEST_FILE, manifest)
