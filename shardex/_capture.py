@@ -26,6 +26,7 @@ from onnx import defs
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from shardex._dtypes import TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import build_skeleton
@@ -190,6 +191,7 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
             value.name = name
     weights = _initializers_to_inputs(onnx_model, prefix="")
     _optimize(onnx_model)
+    _type_hole_outputs(onnx_model, plan)  # after the optimizer, which drops types it cannot infer
     return CapturedPiece("trunk", _serialize(onnx_model), weights, time.perf_counter() - start)
 
 
@@ -276,6 +278,15 @@ def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
         return tuple(args_spec)
     params = list(inspect.signature(model.forward).parameters)
     return {**dict(zip(params, args_spec)), **kwargs_spec}
+
+
+def _type_hole_outputs(model: ir.Model, plan: Plan) -> None:
+    """Hole nodes come out with symbolic shapes but no element type; the plan knows it."""
+    for node in model.graph:
+        if node.domain == HOLE_DOMAIN:
+            call = plan.group_of(node.attributes["key"].as_string()).call
+            for value, spec in zip(node.outputs, call.outputs):
+                value.type = ir.TensorType(TORCH_TO_ONNX[getattr(torch, spec.dtype)])
 
 
 def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> None:

@@ -38,6 +38,8 @@ from shardex._verify import (
     compute_dtype,
     format_failure,
     needs_promotion,
+    providers,
+    reference_device,
     reference_run,
     tolerances,
     verify_block_group,
@@ -480,7 +482,8 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> Verifi
         for g in plan.groups
     ]
     results = _ray.run_tasks(tasks, max_in_flight=workers)
-    method = "float32-promoted graph, ONNX Runtime CPU" if promote else "ONNX Runtime CPU"
+    runtime = f"ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
+    method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
     blocks = [check for group_checks in results[1:] for check in group_checks]
     report = VerificationReport(method, dtype_name(compute), shapes, results[0], blocks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import onnx_ir as ir
+import torch
 from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveUnusedOpsetsPass
 
 from shardex._capture import HOLE_DOMAIN, CapturedPiece
@@ -103,8 +104,6 @@ class _Initializers:
         existing = self.graph.initializers.get(entry.name)
         if existing is not None:
             return existing
-        import torch
-
         tensor = ir.ExternalTensor(
             entry.shard,
             entry.offset,

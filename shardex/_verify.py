@@ -104,18 +104,26 @@ class ReferenceRun:
     boundaries: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]  # path -> (inputs, outputs)
 
 
+def reference_device() -> torch.device:
+    """CUDA where this process sees a GPU (the coordinator on a GPU node), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class _WeightLoader:
     """Loads a tensor from the source, rounded through its export dtype, in the compute dtype."""
 
-    def __init__(self, plan: Plan, memory: dict[str, torch.Tensor], compute: torch.dtype) -> None:
+    def __init__(
+        self, plan: Plan, memory: dict[str, torch.Tensor], compute: torch.dtype, device: torch.device
+    ) -> None:
         self.plan = plan
         self.memory = memory
         self.compute = compute
+        self.device = device
 
     def load(self, name: str) -> torch.Tensor:
         entry = self.plan.entry(name)
         tensor = read_tensor(entry.source) if entry.source is not None else self.memory[entry.name].detach()
-        tensor = tensor.to(getattr(torch, entry.dtype))
+        tensor = tensor.to(self.device, getattr(torch, entry.dtype))
         return tensor.to(self.compute) if tensor.is_floating_point() else tensor
 
 
@@ -150,7 +158,8 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
     """Run the PyTorch model on `inputs`, streaming block weights; memory ~ trunk + one block."""
     compute = compute_dtype(plan)
-    loader = _WeightLoader(plan, memory, compute)
+    device = reference_device()
+    loader = _WeightLoader(plan, memory, compute, device)
     model = build_skeleton(plan.source, compute)
     holes = set(plan.hole_paths)
     boundaries: dict = {}
@@ -170,8 +179,9 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
             if canonical not in loaded:
                 loaded[canonical] = loader.load(canonical)
             state[name] = loaded[canonical]
+    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs.args, inputs.kwargs))
     with torch.no_grad(), export_state():
-        output = torch.func.functional_call(model, state, inputs.args, inputs.kwargs)
+        output = torch.func.functional_call(model, state, args, kwargs)
     return ReferenceRun(_flat_numpy(output), boundaries)
 
 
@@ -208,7 +218,17 @@ def session(model: str | bytes):
     options.log_severity_level = 3
     # Prepacking copies every MatMul weight into new buffers: twice the model in memory.
     options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=providers())
+
+
+def providers() -> list[str]:
+    """ONNX Runtime's CUDA provider where a GPU is visible and the build has it, else CPU only
+    (asking for CUDA without a GPU makes onnxruntime-gpu warn on every session)."""
+    import onnxruntime as ort
+
+    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
 
 
 def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> CheckResult:
