@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import inspect
 import logging
 import os
@@ -157,7 +158,7 @@ class Plan:
     def entry(self, name: str) -> TensorEntry:
         return self._entries[self.alias_to_name[name]]
 
-    @property
+    @functools.cached_property
     def _entries(self) -> dict[str, TensorEntry]:
         return {t.name: t for t in self.tensors}
 
