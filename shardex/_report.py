@@ -90,7 +90,7 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
         f"{heading} {source['location']} -> {out} ({manifest['status']})",
         f"  model       {source['location']} ({SOURCE_KINDS.get(source['kind'], source['kind'])})",
         f"  parameters  {manifest['parameters']:,} ({human_count(manifest['parameters'])})",
-        f"  blocks      {calls} in {len(groups)} distinct: {distinct}",
+        f"  blocks      {calls} layers, {len(groups)} distinct: {distinct}",
         f"  size        {MODEL_FILE} {human_bytes(manifest['model']['bytes'])} + "
         f"{len(manifest['shards'])} shard(s) {human_bytes(shard_bytes)} = {human_bytes(total_bytes(manifest))}",
         f"  time        {stages}; total {timings['total']:.1f}s",
@@ -105,19 +105,20 @@ def _verification_lines(verification: dict | None) -> list[str]:
     if verification is None:
         return ["  verified    no (exported with --no-verify; run `shardex verify`)"]
     shapes = ", ".join("x".join(map(str, s)) for s in verification["input_shapes"])
+    checks = [*verification["outputs"], *verification["blocks"]]
+    tolerance = f", atol {checks[0]['atol']:g}, rtol {checks[0]['rtol']:g}" if checks else ""
     lines = [
-        f"  verified    {'passed' if verification['passed'] else 'FAILED'} in "
-        f"{verification['seconds']:.1f}s on inputs {shapes} "
-        f"({verification['method']}, {verification['compute_dtype']})"
+        f"  verified    {'passed' if verification['passed'] else 'FAILED'} in {verification['seconds']:.1f}s "
+        f"on inputs {shapes} ({verification['method']}, {verification['compute_dtype']}{tolerance})"
     ]
     for check in verification["outputs"]:
-        lines.append(f"              output {check['name']}: {_check_text(check)}")
+        lines.append(f"              {check['name']}: {_diffs(check)}")
     blocks = verification["blocks"]
     if blocks:
         passed = sum(c["passed"] for c in blocks)
         worst = max(blocks, key=lambda c: _sortable(c["max_abs_diff"]))
         lines.append(
-            f"              blocks: {passed}/{len(blocks)} passed, worst {worst['name']}: {_check_text(worst)}"
+            f"              blocks: {passed}/{len(blocks)} passed; worst {worst['name']}: {_diffs(worst)}"
         )
     if verification["shard_hash_mismatches"]:
         lines.append(
@@ -126,12 +127,9 @@ def _verification_lines(verification: dict | None) -> list[str]:
     return lines
 
 
-def _check_text(check: dict) -> str:
-    verdict = "" if check["passed"] else " FAILED"
-    return (
-        f"max abs diff {check['max_abs_diff']:.2e}, max rel diff {check['max_rel_diff']:.2e} "
-        f"(atol {check['atol']:g}, rtol {check['rtol']:g}){verdict}"
-    )
+def _diffs(check: dict) -> str:
+    text = f"max abs diff {check['max_abs_diff']:.2e}, max rel diff {check['max_rel_diff']:.2e}"
+    return text if check["passed"] else f"{text} FAILED"
 
 
 def _sortable(value: float) -> float:
@@ -268,7 +266,8 @@ def _checks_table(checks: list[dict]) -> str:
 
 def block_chart_svg(blocks: list[dict]) -> str:
     """A bar per block of its max abs diff on a log axis, the atol as a dashed line."""
-    width, height, left, top, bottom = 720, 200, 56, 10, 34
+    slot = min(720 / len(blocks), 40)  # a few blocks get bars, not slabs
+    width, height, left, top, bottom = slot * len(blocks), 200, 60, 16, 34
     atol = blocks[0]["atol"]
     shown = [c["max_abs_diff"] for c in blocks if math.isfinite(c["max_abs_diff"]) and c["max_abs_diff"] > 0]
     shown += [atol] if atol > 0 else []
@@ -281,10 +280,9 @@ def block_chart_svg(blocks: list[dict]) -> str:
         fraction = (math.log10(max(value, 10.0**low)) - low) / (high - low)
         return top + height * (1 - min(max(fraction, 0.0), 1.0))
 
-    slot = width / len(blocks)
     label_every = math.ceil(len(blocks) / 24)
     parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{left + width + 10}' height='{top + height + bottom}' "
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{left + width + 70:.0f}' height='{top + height + bottom}' "
         "font-family='sans-serif' font-size='10' role='img' aria-label='max abs diff per block'>"
     ]
     for exponent in range(low, high + 1):
@@ -310,10 +308,11 @@ def block_chart_svg(blocks: list[dict]) -> str:
         parts.append(
             f"<line x1='{left}' x2='{left + width}' y1='{ay:.1f}' y2='{ay:.1f}' stroke='#c62828' stroke-dasharray='4 3'/>"
         )
-        parts.append(
-            f"<text x='{left + width}' y='{ay - 3:.1f}' text-anchor='end' fill='#c62828'>atol {atol:g}</text>"
-        )
+        parts.append(f"<text x='{left + width + 4:.1f}' y='{ay + 3:.1f}' fill='#c62828'>atol {atol:g}</text>")
     parts.append(f"<text x='{left + width / 2}' y='{top + height + 28}' text-anchor='middle'>block</text>")
+    parts.append(
+        f"<text transform='translate(10 {top + height / 2}) rotate(-90)' text-anchor='middle'>max abs diff</text>"
+    )
     parts.append("</svg>")
     return "".join(parts)
 

@@ -1,0 +1,57 @@
+"""`shardex verify OUT`: re-verify an export against its source and refresh its report."""
+
+from __future__ import annotations
+
+import argparse
+
+import shardex
+from shardex._commands import (
+    EXIT_CODES_HELP,
+    add_output_flags,
+    add_ray_flags,
+    finish_with_manifest,
+    load_export,
+)
+
+EXAMPLES = """\
+examples:
+  shardex verify out/llama
+  shardex verify out/llama --atol 1e-3 --address auto
+
+Checks every shard's sha256 against the manifest, then runs the source model in PyTorch and the
+export in ONNX Runtime on the example inputs saved with the export (grown along their dynamic
+axes), comparing the outputs and each block's outputs. The manifest and report are updated."""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="re-verify an export against its source model",
+        description="Re-run the shard hash check and the global and per-block verification of an\n"
+        "existing export against the model it was exported from.",
+        epilog=f"{EXAMPLES}\n\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("output", metavar="OUT", help="the output directory of `shardex export`")
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance, e.g. --atol 1e-3 (default: by compute dtype)"
+    )
+    parser.add_argument(
+        "--rtol", type=float, help="relative tolerance, e.g. --rtol 1e-2 (default: by compute dtype)"
+    )
+    add_ray_flags(parser)
+    add_output_flags(
+        parser, json_help="print the result (manifest subset) as JSON on stdout instead of a summary"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    load_export(args.output)  # a missing or unreadable manifest is bad input, not a failure
+    try:
+        shardex.verify(
+            args.output, atol=args.atol, rtol=args.rtol, address=args.address, workers=args.workers
+        )
+    except shardex.VerificationError as e:
+        return finish_with_manifest(args, args.output, heading="verified", failure=e)
+    return finish_with_manifest(args, args.output, heading="verified")
