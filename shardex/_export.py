@@ -27,7 +27,7 @@ from torch import nn
 from shardex import _ray
 from shardex._capture import capture_block, capture_trunk
 from shardex._dtypes import dtype_name, parse_dtype
-from shardex._errors import OptionsError, ShardexError, VerificationError
+from shardex._errors import OptionsError, SourceError, VerificationError
 from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
@@ -54,8 +54,9 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "shardex/1"
 INPUTS_FILE = "inputs.safetensors"
 JOURNAL_FILE = ".journal.json"
+REPORT_FILE = "report.html"  # written by the CLI (_report), listed here so overwrite/resume know it
 # Files an export may leave in its directory besides shards (report and timeline: see the CLI, _ray).
-OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, "report.html", "timeline.json"}
+OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, "timeline.json"}
 
 
 def export(
@@ -115,11 +116,10 @@ def export(
         "trust_remote_code": trust_remote_code,
         "zero_copy": zero_copy,
     }
-    out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
-
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code)
+    out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
     plan, memory = make_plan(
         src,
         dtype=dtype_,
@@ -232,7 +232,7 @@ def verify(
     )
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
     if [(s.file, s.size) for s in plan.shards] != expected:
-        raise ShardexError(
+        raise SourceError(
             f"the source {described['location']} no longer plans to the shards recorded in {out}; "
             "it changed since the export: export it again."
         )
@@ -279,14 +279,13 @@ def _option(parse, value):
 
 
 def _prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
-    """Create `path`, or reuse it when empty. With `overwrite`, clear a previous shardex export;
-    with `resume`, keep it for `_reusable_shards` to check. A directory holding anything else is
-    refused: shardex never deletes files it did not write."""
+    """Check `path` can take this export (the journal creates it after planning). With
+    `overwrite`, clear a previous shardex export; with `resume`, keep it for `_reusable_shards`.
+    A directory holding anything else is refused: shardex never deletes files it did not write."""
     out = os.path.abspath(path)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionsError(f"output {out} exists and is not a directory; choose a directory path.")
-    os.makedirs(out, exist_ok=True)
-    existing = os.listdir(out)
+    existing = os.listdir(out) if os.path.isdir(out) else []
     if not existing:
         return out
     if not overwrite and not resume:
@@ -361,6 +360,7 @@ class _Journal:
         self.out = out
         self.fingerprint = fingerprint
         self.results = dict(reused)
+        os.makedirs(out, exist_ok=True)
         self.reused = set(reused)
         self._write()
         if reused:
@@ -481,7 +481,7 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> Verifi
         )
         for g in plan.groups
     ]
-    results = _ray.run_tasks(tasks, max_in_flight=workers)
+    results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified)
     runtime = f"ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
@@ -496,6 +496,21 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> Verifi
         len(blocks),
     )
     return report
+
+
+def _log_verified(task: _ray.Task, checks: list) -> None:
+    """Progress on the driver: workers' own logs do not reach it."""
+    worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
+    if worst is not None:
+        failed = sum(not c.passed for c in checks)
+        logger.info(
+            "%s: %d check(s), %d failed, worst %s max abs diff %.3g",
+            task.label,
+            len(checks),
+            failed,
+            worst.name,
+            worst.max_abs_diff,
+        )
 
 
 def _save_example_inputs(plan: Plan, out: str) -> None:
@@ -581,7 +596,8 @@ def _write_manifest(
         "versions": _versions(),
         "source": plan.source.describe() | {"hashes": _source_hashes(plan)},
         "options": options,
-        "parameters": sum(math.prod(t.shape) for t in plan.tensors),
+        "model_class": plan.model_class,
+        "parameters": sum(math.prod(t.shape) for t in plan.tensors if not t.is_buffer),
         "model": {
             "file": MODEL_FILE,
             "bytes": os.path.getsize(model_path),
@@ -609,9 +625,13 @@ def _write_json_atomic(out: str, name: str, data: dict) -> None:
 
 
 def load_manifest(output_dir: str | os.PathLike) -> dict:
-    """The manifest of a finished export (raises ShardexError if there is none)."""
+    """The manifest of a finished export. A missing or unreadable one raises `OptionsError`:
+    the directory given is not (or no longer) a finished shardex export."""
     path = os.path.join(os.fspath(output_dir), MANIFEST_FILE)
     if not os.path.isfile(path):
-        raise ShardexError(f"{output_dir} has no {MANIFEST_FILE}: it is not a finished shardex export.")
-    with open(path) as f:
-        return json.load(f)
+        raise OptionsError(f"{output_dir} has no {MANIFEST_FILE}: it is not a finished shardex export.")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise OptionsError(f"{path} is unreadable ({e}); export the model again with overwrite=True.") from e

@@ -12,6 +12,7 @@ import fnmatch
 import functools
 import inspect
 import logging
+import math
 import os
 import re
 from typing import Any
@@ -90,6 +91,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: str  # dtype in the export (the skeleton's)
     source: TensorLocation | None  # None: held in the coordinator's memory
+    is_buffer: bool = False
     shard: str = ""
     offset: int = 0
     nbytes: int = 0
@@ -136,6 +138,7 @@ class ExampleInputs:
 @dataclasses.dataclass
 class Plan:
     source: Source
+    model_class: str
     dtype: torch.dtype | None  # requested conversion, None keeps the model's dtypes
     example: ExampleInputs
     output_names: list[str]
@@ -165,6 +168,8 @@ class Plan:
     def to_json(self) -> dict:
         return {
             "source": self.source.describe(),
+            "model_class": self.model_class,
+            "parameters": sum(math.prod(t.shape) for t in self.tensors if not t.is_buffer),
             "dtype": dtype_name(self.dtype) if self.dtype else None,
             "opset": self.opset,
             "example_inputs": {
@@ -234,7 +239,18 @@ def make_plan(
         _check_zero_copy(tensors, source)
     shards = _assign_shards(tensors, max_shard_size, zero_copy)
     alias_to_name = {alias: t.name for t in tensors for alias in t.aliases}
-    plan = Plan(source, dtype, example, output_names, groups, tensors, shards, opset, alias_to_name)
+    plan = Plan(
+        source,
+        type(skeleton).__name__,
+        dtype,
+        example,
+        output_names,
+        groups,
+        tensors,
+        shards,
+        opset,
+        alias_to_name,
+    )
     return plan, memory
 
 
@@ -394,6 +410,7 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
                 shape=tuple(tensor.shape),
                 dtype=dtype_name(tensor.dtype),
                 source=location,
+                is_buffer=not isinstance(tensor, nn.Parameter),
                 nbytes=tensor.numel() * tensor.element_size(),
             )
         )

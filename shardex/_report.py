@@ -12,9 +12,7 @@ import html
 import math
 import os
 
-from shardex._export import MODEL_FILE, load_manifest
-
-REPORT_FILE = "report.html"
+from shardex._export import MODEL_FILE, REPORT_FILE, load_manifest
 
 STAGES = [
     ("plan", "plan"),
@@ -88,7 +86,8 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     distinct = ", ".join(f"{g['function']} x{len(g['members'])}" for g in groups)
     lines = [
         f"{heading} {source['location']} -> {out} ({manifest['status']})",
-        f"  model       {source['location']} ({SOURCE_KINDS.get(source['kind'], source['kind'])})",
+        f"  model       {manifest.get('model_class', '?')} from {source['location']} "
+        f"({SOURCE_KINDS.get(source['kind'], source['kind'])})",
         f"  parameters  {manifest['parameters']:,} ({human_count(manifest['parameters'])})",
         f"  blocks      {calls} layers, {len(groups)} distinct: {distinct}",
         f"  size        {MODEL_FILE} {human_bytes(manifest['model']['bytes'])} + "
