@@ -35,6 +35,7 @@ logger = logging.getLogger("shardex")
 
 HOLE_DOMAIN = "shardex.holes"
 BLOCK_PREFIX = "block."
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 
 
 @dataclasses.dataclass
@@ -331,11 +332,15 @@ def _reorder_weight_inputs(model: ir.Model, current: list[str], wanted: list[str
 
 
 def _optimize(model: ir.Model) -> None:
+    """onnxscript's optimizer, then drop per-node stack traces: they embed the absolute paths
+    of the capturing process's files, so the bytes would depend on where a node installed them."""
     import onnxscript.optimizer
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnxscript.optimizer.optimize_ir(model)
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def _serialize(model: ir.Model) -> bytes:

@@ -10,6 +10,17 @@ from __future__ import annotations
 class ShardexError(Exception):
     """Base class of every error shardex raises on purpose."""
 
+    def __reduce__(self):
+        """Pickle the keyword fields too: Ray ships a worker's error back to the coordinator."""
+        return _restore, (type(self), self.args, vars(self))
+
+
+def _restore(cls: type[ShardexError], args: tuple, fields: dict) -> ShardexError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
+
 
 class OptionsError(ShardexError, ValueError):
     """An option passed to `export` is invalid (checked before any work starts)."""

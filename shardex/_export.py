@@ -26,6 +26,7 @@ from torch import nn
 
 from shardex import _ray
 from shardex._capture import capture_block, capture_trunk
+from shardex._cluster import MARKER_PREFIX, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, SourceError, VerificationError
 from shardex._measure import ProcessTreeSampler
@@ -54,9 +55,10 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "shardex/1"
 INPUTS_FILE = "inputs.safetensors"
 JOURNAL_FILE = ".journal.json"
+TIMELINE_FILE = "timeline.json"
 REPORT_FILE = "report.html"  # written by the CLI (_report), listed here so overwrite/resume know it
 # Files an export may leave in its directory besides shards (report and timeline: see the CLI, _ray).
-OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, "timeline.json"}
+OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, TIMELINE_FILE}
 
 
 def export(
@@ -77,6 +79,8 @@ def export(
     rtol: float | None = None,
     address: str | None = None,
     workers: int | None = None,
+    cpus_per_task: float = 1,
+    runtime_env: dict | None = None,
     overwrite: bool = False,
     resume: bool = False,
     trust_remote_code: bool = False,
@@ -89,9 +93,13 @@ def export(
     `args`/`kwargs` are example inputs as for ``torch.onnx.export`` (token ids are generated for
     models with a vocabulary); `dynamic_shapes` maps each input (kwarg name, or position in a
     tuple) to ``{dim: "axis_name"}``. Work runs on Ray: the cluster at `address` or
-    ``RAY_ADDRESS``, else a local Ray started and stopped here. `zero_copy` writes no weight
-    copies: the external data points into the source safetensors files, hard-linked into
-    `output_dir` (which must be on the same filesystem); see DESIGN.md for the trade-offs.
+    ``RAY_ADDRESS``, else a local Ray started and stopped here: at most `workers` tasks at once,
+    each holding `cpus_per_task` CPUs, spread over the nodes; `runtime_env` goes to Ray for the
+    workers of a joined cluster (e.g. ``{"pip": [...]}``). On a cluster every node must see
+    `output_dir` (a shared filesystem), which is checked before any work; see cluster/README.md.
+    `zero_copy` writes no weight copies: the external data points into the source safetensors
+    files, hard-linked into `output_dir` (which must be on the same filesystem); see DESIGN.md
+    for the trade-offs.
     `resume` continues an export that was killed: shards already written whose sha256 matches
     are kept; an output directory holding another model's export is refused.
 
@@ -134,7 +142,7 @@ def export(
     )
     timings["plan"] = time.perf_counter() - clock
     fingerprint = _fingerprint(plan, options)
-    journal = _Journal(out, fingerprint, _reusable_shards(out, plan, fingerprint) if resume else {})
+    reused = _reusable_shards(out, plan, fingerprint) if resume else {}
     logger.info(
         "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
         len(plan.hole_paths),
@@ -144,9 +152,16 @@ def export(
         timings["plan"],
     )
 
-    with _ray.ray_session(address), ProcessTreeSampler() as memory_sampler:
+    with (
+        _ray.ray_session(address, runtime_env=runtime_env),
+        _ray.recording() as records,
+        ProcessTreeSampler() as memory_sampler,
+    ):
+        os.makedirs(out, exist_ok=True)
+        _ray.check_output_visible(out, readable=plan.source.files)
+        journal = _Journal(out, fingerprint, reused)
         clock = time.perf_counter()
-        trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers, journal)
+        trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers, journal, cpus_per_task)
         timings["capture_and_weights"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -162,10 +177,11 @@ def export(
         report = None
         if verify:
             clock = time.perf_counter()
-            report = _verify(plan, memory, out, program, atol, rtol, workers)
+            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
             timings["verify"] = time.perf_counter() - clock
 
     timings["total"] = time.perf_counter() - started
+    write_timeline(records, os.path.join(out, TIMELINE_FILE))
     _write_manifest(
         out,
         plan,
@@ -178,6 +194,7 @@ def export(
         blocks,
         memory_sampler.peak,
         journal,
+        summarize_nodes(records),
     )
     journal.close()
     logger.info("exported to %s in %.1fs", out, timings["total"])
@@ -195,6 +212,8 @@ def verify(
     rtol: float | None = None,
     address: str | None = None,
     workers: int | None = None,
+    cpus_per_task: float = 1,
+    runtime_env: dict | None = None,
 ) -> VerificationReport:
     """Re-verify a finished export against its source: shard hashes, then ONNX Runtime vs
     PyTorch globally and per block. Updates the manifest; raises `VerificationError` on failure.
@@ -237,15 +256,18 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    with _ray.ray_session(address):
+    with _ray.ray_session(address, runtime_env=runtime_env):
+        _ray.check_output_visible(out, readable=plan.source.files)
         if options["inline"]:
             # The flat graph has no block calls to stream by: rebuild its function form (cheap,
             # weightless captures) and verify that, as export(inline=True) does.
-            trunk, blocks, _ = _capture_and_stream(dataclasses.replace(plan, shards=[]), memory, out, workers)
+            trunk, blocks, _ = _capture_and_stream(
+                dataclasses.replace(plan, shards=[]), memory, out, workers, cpus_per_task=cpus_per_task
+            )
             program = stitch(plan, trunk, blocks, out)
         else:
             program = ir.load(os.path.join(out, MODEL_FILE))
-        report = _verify(plan, memory, out, program, atol, rtol, workers)
+        report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
     report.shard_hash_mismatches = [
         s["file"] for s in manifest["shards"] if _shard_hash(out, s) != s["sha256"]
     ]
@@ -293,7 +315,12 @@ def _prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
             f"output directory {out} is not empty; choose an empty one, or pass overwrite=True "
             "(--overwrite) to replace a previous export or resume=True (--resume) to finish it."
         )
-    foreign = [n for n in existing if n not in OWN_FILES and not _is_shard_file(n)]
+    # A probe marker is left only by a coordinator killed during the storage check.
+    foreign = [
+        n
+        for n in existing
+        if n not in OWN_FILES and not _is_shard_file(n) and not n.startswith(MARKER_PREFIX)
+    ]
     if foreign:
         raise OptionsError(
             f"output directory {out} holds files shardex did not write (e.g. {foreign[0]}); "
@@ -312,7 +339,14 @@ def _is_shard_file(name: str) -> bool:
     )
 
 
-def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None, journal: _Journal | None = None):
+def _capture_and_stream(
+    plan: Plan,
+    memory,
+    out: str,
+    workers: int | None,
+    journal: _Journal | None = None,
+    cpus_per_task: float = 1,
+):
     """Capture pieces and file-sourced shards on Ray; memory-held shards and zero-copy links in
     a local thread. Shards the journal already holds (a resumed export) are not written again."""
     entries = {t.name: t for t in plan.tensors}
@@ -342,7 +376,12 @@ def _capture_and_stream(plan: Plan, memory, out: str, workers: int | None, journ
             if journal and isinstance(result, ShardResult):
                 journal.record(result)
 
-        results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=lambda task, result: finished(result))
+        results = _ray.run_tasks(
+            tasks,
+            max_in_flight=workers,
+            on_done=lambda task, result: finished(result),
+            cpus_per_task=cpus_per_task,
+        )
         for future in local_results:
             finished(future.result())
     trunk = results[0]
@@ -451,7 +490,7 @@ def _save_model(model: ir.Model, out: str) -> str:
     return path
 
 
-def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> VerificationReport:
+def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1) -> VerificationReport:
     """Reference run here (streamed); the streamed global check and one check per block group
     on Ray. `program` is the stitched model in function form (before any inlining)."""
     start = time.perf_counter()
@@ -464,7 +503,8 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> Verifi
     check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
     program_bytes = ir.serde.serialize_model(program).SerializeToString()  # weights stay external
     global_args = (program_bytes, check_models, plan, out, inputs, reference.outputs, atol_, rtol_, promote)
-    tasks = [_ray.Task("verify global", verify_global, global_args)]
+    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it.
+    tasks = [_ray.Task("verify global", verify_global, global_args, gpu=True)]
     tasks += [
         _ray.Task(
             f"verify {g.function_name}",
@@ -478,10 +518,11 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers) -> Verifi
                 atol_,
                 rtol_,
             ),
+            gpu=True,
         )
         for g in plan.groups
     ]
-    results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified)
+    results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task)
     runtime = f"ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
@@ -587,6 +628,7 @@ def _write_manifest(
     blocks,
     peak_memory,
     journal,
+    placement,
 ) -> None:
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -612,6 +654,7 @@ def _write_manifest(
         "peak_memory": dataclasses.asdict(peak_memory),
         "bytes_written": journal.bytes_written,
         "reused_shards": sorted(journal.reused),
+        "placement": placement,
         "verification": report.to_json() if report is not None else None,
     }
     _write_json_atomic(out, MANIFEST_FILE, manifest)

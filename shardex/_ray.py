@@ -1,26 +1,49 @@
 """The Ray layer, the only module that imports ray.
 
 Stage functions stay plain Python (each runs in-process in unit tests); this module ships them
-to Ray workers as tasks, bounds how many run at once, and turns a worker's failure back into
-the stage's own one-line error.
+to Ray workers as tasks, places each task on a node (`_cluster.Placer`), bounds how many run at
+once, records where each ran, and turns a worker's failure back into the stage's own one-line
+error. On a cluster it also checks, before any work, that every node sees the output directory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from shardex._errors import ShardexError
+from shardex._cluster import (
+    INSTALL_FIX,
+    NodeInfo,
+    Placer,
+    TaskRecord,
+    marker_file,
+    package_versions,
+    probe_error,
+    probe_node,
+)
+from shardex._errors import OptionsError, ShardexError
 
 logger = logging.getLogger("shardex")
 
 TASK_RETRIES = 2  # a task whose worker process dies is rerun this many times
+DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
+TOKEN_PLACES = (
+    "the cluster's token in RAY_AUTH_TOKEN, or in a file named by RAY_AUTH_TOKEN_PATH "
+    f"(default {DEFAULT_TOKEN_PATH})"
+)
+
+# The lists `recording()` blocks collect into, innermost last.
+_RECORDINGS: contextvars.ContextVar[tuple[list[TaskRecord], ...]] = contextvars.ContextVar(
+    "shardex_recordings", default=()
+)
 
 
 def worker_runtime_env() -> dict:
@@ -31,9 +54,17 @@ def worker_runtime_env() -> dict:
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator[str]:
+def ray_session(
+    address: str | None, *, num_cpus: int | None = None, runtime_env: dict | None = None
+) -> Iterator[str]:
     """Use the Ray already initialized in this process, join `address` / ``RAY_ADDRESS``, or
-    start a local Ray for the duration of the block (and stop it after)."""
+    start a local Ray for the duration of the block (and stop it after).
+
+    A joined cluster's workers import shardex from their own environment (the driver's import
+    path is not shipped): `runtime_env` (e.g. ``{"pip": [...]}`` or ``{"py_modules": [...]}``)
+    is passed to Ray for them. A cluster with token authentication needs ``RAY_AUTH_MODE=token``
+    and its token in this process's environment, as every Ray client does.
+    """
     import ray
 
     if ray.is_initialized():
@@ -43,26 +74,86 @@ def ray_session(address: str | None, *, num_cpus: int | None = None) -> Iterator
     start = time.perf_counter()
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
-        "logging_level": logging.WARNING,
+        "logging_level": logging.ERROR,  # Ray's own start-up warnings are not the user's business
         "log_to_driver": False,
     }
     if address is None:
         kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        kwargs["runtime_env"] = worker_runtime_env()
+        kwargs["runtime_env"] = _local_runtime_env(runtime_env)
+    elif runtime_env:
+        kwargs["runtime_env"] = runtime_env
     try:
         context = ray.init(address=address, **kwargs)
     except Exception as e:
-        where = address or "a local Ray"
-        raise ShardexError(f"cannot start or join Ray at {where}: {type(e).__name__}: {e}") from e
+        raise ShardexError(_auth_error(address, e) or _start_error(address, e)) from e
+    resources = ray.cluster_resources()
     logger.info(
-        "Ray %s in %.1fs",
+        "Ray %s in %.1fs: %d node(s), %g CPUs, %g GPUs",
         f"joined at {address}" if address else "started locally",
         time.perf_counter() - start,
+        len(_nodes()),
+        resources.get("CPU", 0),
+        resources.get("GPU", 0),
     )
     try:
         yield context.address_info.get("address", "local")
     finally:
         ray.shutdown()
+
+
+def _local_runtime_env(runtime_env: dict | None) -> dict:
+    """The caller's runtime environment for a local Ray, with the driver's import path added."""
+    local = worker_runtime_env()
+    if not runtime_env:
+        return local
+    return runtime_env | {"env_vars": local["env_vars"] | runtime_env.get("env_vars", {})}
+
+
+def _auth_error(address: str | None, error: BaseException) -> str | None:
+    """The one-line fix when joining failed on token authentication (Ray reports it only deep in
+    the exception chain, after retrying for 20 s), else None."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(f"{type(error).__name__}: {error}")
+        error = error.__cause__ or error.__context__
+    if not any("InvalidAuthToken" in t or "AuthenticationError" in t for t in texts):
+        return None
+    where = f"cannot join Ray at {address}" if address else "cannot start a local Ray"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"{where}: it requires token authentication; set RAY_AUTH_MODE=token and {TOKEN_PLACES}."
+    source = _token_source()
+    if source is None:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+        missing = f" (RAY_AUTH_TOKEN_PATH={path} is missing or empty)" if path else ""
+        return f"{where}: RAY_AUTH_MODE=token but no token was found{missing}; set {TOKEN_PLACES}."
+    return (
+        f"{where}: it rejected the token from {source}; use the cluster's token "
+        "(`ray get-auth-token` on its head node prints it)."
+    )
+
+
+def _token_source() -> str | None:
+    """Where Ray takes the token from (Ray's order of precedence), or None when there is none."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return f"RAY_AUTH_TOKEN_PATH={path}" if _has_token(path) else None
+    return DEFAULT_TOKEN_PATH if _has_token(os.path.expanduser(DEFAULT_TOKEN_PATH)) else None
+
+
+def _has_token(path: str) -> bool:
+    try:
+        with open(path) as f:
+            return bool(f.read().strip())
+    except OSError:
+        return False
+
+
+def _start_error(address: str | None, error: BaseException) -> str:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"cannot start or join Ray at {address or 'a local Ray'}: {type(error).__name__}: {first_line}"
 
 
 @dataclasses.dataclass
@@ -73,45 +164,82 @@ class Task:
     # Kernel copies and fsync barely use a CPU: such tasks take no CPU slot, so weight streaming
     # overlaps capture instead of queueing behind it. They are bounded separately.
     io_bound: bool = False
+    # Ask for a share of a GPU when the task lands on a node that has one (none elsewhere).
+    gpu: bool = False
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[TaskRecord]]:
+    """Collect a `TaskRecord` for every task that `run_tasks` completes inside the block, in
+    order of completion: the data of the timeline and of the per-node summary."""
+    records: list[TaskRecord] = []
+    token = _RECORDINGS.set((*_RECORDINGS.get(), records))
+    try:
+        yield records
+    finally:
+        _RECORDINGS.reset(token)
 
 
 def run_tasks(
-    tasks: list[Task], *, max_in_flight: int | None, on_done: Callable[[Task, Any], None] | None = None
+    tasks: list[Task],
+    *,
+    max_in_flight: int | None,
+    on_done: Callable[[Task, Any], None] | None = None,
+    cpus_per_task: float = 1,
 ) -> list:
-    """Run `tasks` as Ray tasks, at most `max_in_flight` CPU tasks and as many I/O tasks at once
-    (default: the cluster's CPU count); results in task order. A stage error raised on a worker
-    is re-raised here as itself; a task whose worker dies is retried by Ray."""
+    """Run `tasks` as Ray tasks spread over the nodes (see `_cluster.Placer`): at most
+    `max_in_flight` CPU tasks, each holding `cpus_per_task` CPUs, and as many I/O tasks at once
+    (default: every slot of the cluster, ``CPUs // cpus_per_task`` per node). Results in task
+    order; each task's `TaskRecord` goes to the enclosing `recording()` blocks. A stage error
+    raised on a worker is re-raised here as itself; a task whose worker dies is retried by Ray,
+    on another node if its node is gone."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    remote = {}
-    pending: dict[Any, int] = {}
+    placer = Placer(_nodes(), cpus_per_task=cpus_per_task, max_in_flight=max_in_flight)
+    traced = ray.remote(max_retries=TASK_RETRIES)(_traced)
+    pending: dict[Any, tuple[int, NodeInfo]] = {}
     results: list = [None] * len(tasks)
     queue = list(enumerate(tasks))
-    limit = max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    running = {False: 0, True: 0}
     try:
         while queue or pending:
             for index, task in list(queue):
-                if running[task.io_bound] >= limit:
+                node = placer.take(task.io_bound)
+                if node is None:
                     continue
-                key = (task.fn, task.io_bound)
-                if key not in remote:
-                    remote[key] = ray.remote(num_cpus=0 if task.io_bound else 1, max_retries=TASK_RETRIES)(
-                        task.fn
-                    )
-                pending[remote[key].options(name=task.label).remote(*task.args)] = index
-                running[task.io_bound] += 1
+                cpus = 0 if task.io_bound else cpus_per_task
+                gpus = placer.gpus_for(node) if task.gpu else 0
+                ref = traced.options(
+                    name=task.label,
+                    num_cpus=cpus,
+                    num_gpus=gpus,
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=True),
+                ).remote(task.label, cpus, gpus, task.fn, *task.args)
+                pending[ref] = (index, node)
                 queue.remove((index, task))
             done, _ = ray.wait(list(pending), num_returns=1)
-            index = pending.pop(done[0])
-            running[tasks[index].io_bound] -= 1
-            results[index] = _get(done[0], tasks[index])
+            index, node = pending.pop(done[0])
+            placer.release(node, tasks[index].io_bound)
+            results[index], record = _get(done[0], tasks[index])
+            for records in _RECORDINGS.get():
+                records.append(record)
             if on_done:
                 on_done(tasks[index], results[index])
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
     return results
+
+
+def _traced(label: str, cpus: float, gpus: float, fn: Callable, *args) -> tuple[Any, TaskRecord]:
+    """A task's body on its worker: run `fn`, and note where and when it ran."""
+    import ray
+
+    start = time.time()
+    result = fn(*args)
+    node_id = ray.get_runtime_context().get_node_id()
+    where = (node_id, socket.gethostname(), ray.util.get_node_ip_address(), os.getpid())
+    return result, TaskRecord(label, *where, start, time.time(), cpus, gpus)
 
 
 def _get(ref, task: Task):
@@ -128,3 +256,51 @@ def _get(ref, task: Task):
         raise ShardexError(
             f"{task.label} failed after {TASK_RETRIES} retries: {type(e).__name__}: {str(e).splitlines()[0]}"
         ) from e
+
+
+def _nodes() -> list[NodeInfo]:
+    import ray
+
+    return [
+        NodeInfo(
+            n["NodeID"], n["NodeManagerAddress"], n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)
+        )
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+def check_output_visible(output_dir: str, *, readable: Sequence[str] = ()) -> None:
+    """Before any work: on every node that takes work, check that `output_dir` is the
+    coordinator's directory (a marker file written here is visible there) and writable there,
+    that the `readable` files (the source) can be read there, and that the node runs this
+    machine's shardex, torch, onnxscript and onnx-ir. Raises `OptionsError`, one line naming the
+    node, the path and the fix. Nothing to check when this machine is the only node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in _nodes() if n.cpus > 0]
+    if {n.node_id for n in nodes} <= {ray.get_runtime_context().get_node_id()}:
+        return
+    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    expected = package_versions()
+    with marker_file(output_dir) as marker:
+        refs = [
+            probe.options(
+                name=f"probe {node}",
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+            ).remote(output_dir, marker, list(readable))
+            for node in nodes
+        ]
+        for node, ref in zip(nodes, refs):
+            try:
+                found = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                reason = str(e).strip().splitlines()[-1]
+                raise OptionsError(
+                    f"the storage probe failed on Ray node {node}: {reason}; {INSTALL_FIX}."
+                ) from e
+            message = probe_error(node, found, expected)
+            if message:
+                raise OptionsError(message)
+    logger.info("storage: %s is shared by all %d nodes", output_dir, len(nodes))
