@@ -164,6 +164,15 @@ def _holes_registered(holes: dict[str, tuple[nn.Module, CallSignature, int]]) ->
 # --- captures ------------------------------------------------------------------------------
 
 
+def warm_up(source_kind: str) -> None:
+    """Import what a capture needs before the first capture arrives (run on fresh workers)."""
+    import onnxscript.optimizer  # noqa: F401
+    import torch.onnx._internal.exporter._core  # noqa: F401
+
+    if source_kind == "hf":
+        import transformers  # noqa: F401
+
+
 def capture_trunk(plan: Plan) -> CapturedPiece:
     """Capture the model with every block replaced by a hole node."""
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from torch import nn
 
 from shardex import _ray
 from shardex._capture import capture_block, capture_trunk
+from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import MARKER_PREFIX, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, SourceError, VerificationError
@@ -125,38 +126,40 @@ def export(
         "zero_copy": zero_copy,
     }
     timings: dict[str, float] = {}
-    clock = time.perf_counter()
     src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code)
     out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
-    plan, memory = make_plan(
-        src,
-        dtype=dtype_,
-        args=args,
-        kwargs=kwargs,
-        dynamic_shapes=dynamic_shapes,
-        block_pattern=block_pattern,
-        max_shard_size=shard_bytes,
-        opset=opset,
-        module=source if isinstance(source, nn.Module) else None,
-        zero_copy=zero_copy,
-    )
-    timings["plan"] = time.perf_counter() - clock
-    fingerprint = _fingerprint(plan, options)
-    reused = _reusable_shards(out, plan, fingerprint) if resume else {}
-    logger.info(
-        "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
-        len(plan.hole_paths),
-        len(plan.groups),
-        len(plan.tensors),
-        len(plan.shards),
-        timings["plan"],
-    )
 
     with (
         _ray.ray_session(address, runtime_env=runtime_env),
         _ray.recording() as records,
         ProcessTreeSampler() as memory_sampler,
     ):
+        # Workers import torch.onnx, onnxscript and transformers (seconds) while we plan.
+        _ray.warm_up(warm_up_capture, src.kind)
+        clock = time.perf_counter()
+        plan, memory = make_plan(
+            src,
+            dtype=dtype_,
+            args=args,
+            kwargs=kwargs,
+            dynamic_shapes=dynamic_shapes,
+            block_pattern=block_pattern,
+            max_shard_size=shard_bytes,
+            opset=opset,
+            module=source if isinstance(source, nn.Module) else None,
+            zero_copy=zero_copy,
+        )
+        timings["plan"] = time.perf_counter() - clock
+        fingerprint = _fingerprint(plan, options)
+        reused = _reusable_shards(out, plan, fingerprint) if resume else {}
+        logger.info(
+            "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
+            len(plan.hole_paths),
+            len(plan.groups),
+            len(plan.tensors),
+            len(plan.shards),
+            timings["plan"],
+        )
         os.makedirs(out, exist_ok=True)
         _ray.check_output_visible(out, readable=plan.source.files)
         journal = _Journal(out, fingerprint, reused)

@@ -270,6 +270,19 @@ def _nodes() -> list[NodeInfo]:
     ]
 
 
+def warm_up(fn: Callable, *args) -> None:
+    """Run `fn(*args)` once per CPU slot of the cluster, without waiting: the worker processes
+    that take the first tasks do their slow imports while the coordinator is still planning."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    remote = ray.remote(num_cpus=1, max_retries=0)(fn)
+    for node in _nodes():
+        strategy = NodeAffinitySchedulingStrategy(node.node_id, soft=True)
+        for _ in range(int(node.cpus)):
+            remote.options(name="warm up", scheduling_strategy=strategy).remote(*args)
+
+
 def check_output_visible(output_dir: str, *, readable: Sequence[str] = ()) -> None:
     """Before any work: on every node that takes work, check that `output_dir` is the
     coordinator's directory (a marker file written here is visible there) and writable there,
