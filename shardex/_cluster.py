@@ -68,6 +68,9 @@ class TaskRecord:
         return self.label.split()[0]
 
 
+IO_TASKS_PER_SLOT = 2
+
+
 class Placer:
     """Chooses the node of each task, so that work spreads over the cluster.
 
@@ -96,11 +99,14 @@ class Placer:
         self.given: collections.Counter = collections.Counter()
 
     def take(self, io_bound: bool) -> NodeInfo | None:
-        """The node for the next task of this kind, or None while that kind is at its limit."""
+        """The node for the next task of this kind, or None while that kind is at its limit.
+        I/O tasks get `IO_TASKS_PER_SLOT` per slot: each spends part of its time waiting on
+        fsync, when another can use the CPU."""
         running = self.running[io_bound]
-        if sum(running.values()) >= self.limit:
+        per_slot = IO_TASKS_PER_SLOT if io_bound else 1
+        if sum(running.values()) >= self.limit * per_slot:
             return None
-        free = [i for i, slots in self.slots.items() if running[i] < slots]
+        free = [i for i, slots in self.slots.items() if running[i] < slots * per_slot]
         if not free:
             return None
         chosen = min(free, key=lambda i: (running[i] / self.slots[i], self.given[i]))
