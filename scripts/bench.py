@@ -72,9 +72,8 @@ def run_measured(command: list[str], output_dir: str | None, env: dict | None = 
     wall = time.perf_counter() - start
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}:\n{stderr[-3000:]}")
-    detail = {}
-    if stdout.strip().startswith("{"):
-        detail = json.loads(stdout)
+    last = (stdout.strip().splitlines() or [""])[-1]
+    detail = json.loads(last) if last.startswith("{") else {}
     return Measurement(
         wall, sampler.peak.total_pss_bytes, directory_bytes(output_dir) if output_dir else 0, detail
     )
@@ -137,12 +136,23 @@ def measure_torch_onnx(checkpoint: str, work: str) -> Measurement:
     return result
 
 
-def measure_shardex(checkpoint: str, work: str, keep: bool = False) -> Measurement:
+def measure_shardex(
+    checkpoint: str, work: str, keep: bool = False, extra: tuple[str, ...] = ()
+) -> Measurement:
     target = os.path.join(work, "shardex")
     shutil.rmtree(target, ignore_errors=True)
-    result = run_measured(
-        [sys.executable, "-m", "shardex", "export", checkpoint, target, "--no-verify", "--quiet"], target
-    )
+    command = [
+        sys.executable,
+        "-m",
+        "shardex",
+        "export",
+        checkpoint,
+        target,
+        "--no-verify",
+        "--quiet",
+        *extra,
+    ]
+    result = run_measured(command, target)
     with open(os.path.join(target, "manifest.json")) as f:
         manifest = json.load(f)
     result.detail = {k: manifest[k] for k in ("timings", "capture_seconds", "peak_memory")}
@@ -196,6 +206,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--skip-torch-onnx", action="store_true")
     parser.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    parser.add_argument(
+        "--reuse", help="a results .json whose cases are taken as measured (a long run that stopped part-way)"
+    )
     parser.add_argument("--torch-onnx-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.torch_onnx_child:
@@ -209,18 +222,27 @@ def main(argv=None) -> int:
     work = os.path.join(args.cache, "work")
     os.makedirs(work, exist_ok=True)
     rows, depth = [], {}
+    if args.reuse:
+        with open(args.reuse) as f:
+            earlier = json.load(f)
+        rows = [r for r in earlier["rows"] if r["case"] in names]
+        names = [n for n in names if n not in {r["case"] for r in rows}]
     for name in names:
         for case in DEPTH if name == "depth" else [CASES[name]]:
             checkpoint = ensure_checkpoint(case, args.cache)
             size = directory_bytes(checkpoint)
             print(f"== {case.name}: {fmt_gb(size)}", file=sys.stderr)
             if name == "depth":
-                warm_page_cache(checkpoint)
-                shard = measure_shardex(checkpoint, work)
-                depth[case.layers] = {
-                    "wall_s": shard.wall_s,
-                    "capture_s": max(shard.detail["capture_seconds"].values()),
-                }
+                # Capture alone (zero-copy: no weight bytes competing for the CPUs), then a full export.
+                depth[case.layers] = {}
+                for mode, extra in (("zero_copy", ("--zero-copy",)), ("copy", ())):
+                    warm_page_cache(checkpoint)
+                    run = measure_shardex(checkpoint, work, extra=extra)
+                    depth[case.layers][mode] = {
+                        "wall_s": run.wall_s,
+                        "capture_s": max(run.detail["capture_seconds"].values()),
+                        "plan_s": run.detail["timings"]["plan"],
+                    }
                 continue
             row = {"case": case.name, "checkpoint_bytes": size}
             warm_page_cache(checkpoint)
@@ -240,14 +262,20 @@ def main(argv=None) -> int:
             row["verify"] = dataclasses.asdict(measure_verify(work))
             rows.append(row)
             print(json.dumps(row, indent=1), file=sys.stderr)
+            save(args.results, rows, depth)
     report = render(rows, depth, " ".join([os.path.relpath(sys.argv[0], ROOT), *(argv or sys.argv[1:])]))
     print(report)
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    save(args.results, rows, depth)
     with open(args.results + ".md", "w") as f:
         f.write(report)
-    with open(args.results + ".json", "w") as f:
-        json.dump({"rows": rows, "depth": depth, "machine": machine()}, f, indent=2)
     return 0
+
+
+def save(results: str, rows: list[dict], depth: dict) -> None:
+    """Written after every case, so a run that stops part-way can be finished with --reuse."""
+    os.makedirs(os.path.dirname(results), exist_ok=True)
+    with open(results + ".json", "w") as f:
+        json.dump({"rows": rows, "depth": depth, "machine": machine()}, f, indent=2)
 
 
 def machine() -> dict:
@@ -306,15 +334,23 @@ def render(rows: list[dict], depth: dict, command: str) -> str:
             f"{ours['wall_s'] / floor['wall_s']:.2f} | {verify['wall_s']:.1f} s | {fmt_gb(verify['peak_pss_bytes'])} |"
         )
     if depth:
-        lines += ["", "| depth sweep (hidden 1024, bf16) | capture time | export wall |", "|---|---|---|"]
         lines += [
-            f"| {n} layers | {d['capture_s']:.1f} s | {d['wall_s']:.1f} s |" for n, d in sorted(depth.items())
+            "",
+            "| depth sweep (hidden 1024, bf16) | capture, zero-copy | export wall, zero-copy "
+            "| capture, copying weights | export wall, copying weights |",
+            "|---|---|---|---|---|",
         ]
-        if len(depth) == 2:
-            low, high = sorted(depth)
+        for n, d in sorted(depth.items(), key=lambda kv: int(kv[0])):
+            z, c = d["zero_copy"], d["copy"]
             lines.append(
-                f"| ratio {high}/{low} | {depth[high]['capture_s'] / depth[low]['capture_s']:.2f} | |"
+                f"| {n} layers | {z['capture_s']:.1f} s | {z['wall_s']:.1f} s | {c['capture_s']:.1f} s | {c['wall_s']:.1f} s |"
             )
+        if len(depth) == 2:
+            low, high = sorted(depth, key=int)
+            ratio = {
+                m: depth[high][m]["capture_s"] / depth[low][m]["capture_s"] for m in ("zero_copy", "copy")
+            }
+            lines.append(f"| ratio {high}/{low} | {ratio['zero_copy']:.2f} | | {ratio['copy']:.2f} | |")
     lines += [
         "",
         "Peak memory is PSS summed over every process the command started (coordinator, Ray daemons, "

@@ -328,27 +328,31 @@ def _order_like_signature(model: nn.Module, kwargs: dict) -> dict:
 
 
 def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, str]]:
-    """Per flattened tensor input, its dynamic axes, from a torch.export-like spec whose leaves
-    are ``{dim: "name"}`` dicts (a dict keyed by kwarg name, or a tuple matching args)."""
-    tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+    """Per flattened tensor input, its dynamic axes. `dynamic_shapes` gives, per input, a
+    ``{dim: "axis_name"}`` dict or None: a dict keyed by kwarg name, or a tuple matching args.
+    A dict given for a nested input applies to each of its tensors."""
+    inputs = [*args, *kwargs.values()]
     if dynamic_shapes is None:
-        return [{} for _ in tensors]
-    if isinstance(dynamic_shapes, dict) and not kwargs and args:
-        raise PlanError("dynamic_shapes is a dict but the inputs are positional; pass a tuple matching args.")
-    if isinstance(dynamic_shapes, dict):
+        per_input = [None] * len(inputs)
+    elif isinstance(dynamic_shapes, dict):
+        if args:
+            raise PlanError(
+                "dynamic_shapes is a dict but some inputs are positional; pass a tuple matching args."
+            )
         unknown = set(dynamic_shapes) - set(kwargs)
         if unknown:
             raise PlanError(
                 f"dynamic_shapes names {sorted(unknown)}, which are not inputs; inputs are {list(kwargs)}."
             )
-        per_input = [None] * len(args) + [dynamic_shapes.get(k) for k in kwargs]
+        per_input = [dynamic_shapes.get(k) for k in kwargs]
     else:
-        per_input = list(dynamic_shapes) + [None] * (len(args) + len(kwargs) - len(dynamic_shapes))
+        per_input = [*dynamic_shapes, *[None] * (len(inputs) - len(dynamic_shapes))]
     axes = []
-    for spec, value in zip(per_input, [*args, *kwargs.values()]):
+    for spec, value in zip(per_input, inputs):
+        if spec is not None and not isinstance(spec, dict):
+            raise PlanError(f"each dynamic_shapes entry must be {{dim: 'axis_name'}} or None, got {spec!r}.")
         for t in (x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)):
-            spec_dict = dict(spec or {}) if isinstance(spec, dict) or spec is None else {}
-            for dim, name in spec_dict.items():
+            for dim, name in (spec or {}).items():
                 if not 0 <= dim < t.dim():
                     raise PlanError(
                         f"dynamic axis {dim} ({name!r}) is out of range for an input of shape {list(t.shape)}."
@@ -358,7 +362,7 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
                         f"dynamic axis {name!r} has size {t.shape[dim]} in the example; use a size of at "
                         "least 2 (torch.export specializes sizes 0 and 1)."
                     )
-            axes.append({int(d): str(n) for d, n in spec_dict.items()})
+            axes.append({int(d): str(n) for d, n in (spec or {}).items()})
     return axes
 
 
