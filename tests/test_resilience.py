@@ -85,17 +85,20 @@ class _Killer(threading.Thread):
 
 
 @pytest.mark.usefixtures("ray_local")
-@pytest.mark.parametrize("prefix", ["ray::write", "ray::capture trunk"])
+@pytest.mark.parametrize("prefix", ["ray::write", "ray::capture trunk", "ray::verify global"])
 def test_worker_killed_mid_task_is_retried(medium_checkpoint, clean_export, tmp_path, prefix):
     killer = _Killer(prefix)
     killer.start()
     try:
-        shardex.export(medium_checkpoint, tmp_path / "out", max_shard_size="16MB", verify=False)
+        verify = prefix.startswith("ray::verify")
+        shardex.export(medium_checkpoint, tmp_path / "out", max_shard_size="16MB", verify=verify)
     finally:
         killer.stop.set()
         killer.join()
     assert killer.killed, f"no {prefix} worker was seen to kill"
     assert output_digests(tmp_path / "out") == output_digests(clean_export)
+    if verify:
+        assert shardex.load_manifest(tmp_path / "out")["verification"]["passed"]
     assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".partial") or n.startswith(".journal")]
 
 
