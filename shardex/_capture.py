@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from torch.utils import _pytree as pytree
 from shardex._dtypes import TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._plan import CallSignature, Plan, TensorSpec
-from shardex._source import build_skeleton
+from shardex._tasks import DERIVED_AXES, call_block, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
 
@@ -74,7 +75,7 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
             for n, t in [*block.named_parameters(), *block.named_buffers()]
         }
         args, kwargs = call.unflatten_inputs(inputs)
-        output = torch.func.functional_call(block, params, args, kwargs)
+        output = call_block(lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs)
         leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
         _FAKE_OUTPUTS[memo_key] = [(t.shape, t.dtype) for t in leaves]
     like = inputs[0]
@@ -128,14 +129,17 @@ def _translate_hole(inputs, key: str):
 
 
 class _HoleModule(nn.Module):
-    """Stands in for a block in the trunk: flattens the call, emits one hole op, rebuilds the output."""
+    """Stands in for a block in the trunk: flattens the call (in hole form: its layer of the KV
+    cache as tensors), emits one hole op, rebuilds the output and writes the present back."""
 
-    def __init__(self, key: str, call: CallSignature) -> None:
+    def __init__(self, key: str, call: CallSignature, cache_layer: int) -> None:
         super().__init__()
         self.key = key
         self.call = call
+        self.cache_layer = cache_layer
 
     def forward(self, *args, **kwargs):
+        args, kwargs, cache = split_cache(args, kwargs, self.cache_layer)
         leaves = pytree.tree_leaves((args, kwargs))
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         constants = [x for x in leaves if not isinstance(x, torch.Tensor)]
@@ -147,7 +151,7 @@ class _HoleModule(nn.Module):
                 piece="trunk",
             )
         outputs = torch.ops.shardex.hole(tensors, self.key)
-        return self.call.unflatten_outputs(outputs)
+        return merge_cache(self.call.unflatten_outputs(outputs), cache, self.cache_layer)
 
 
 @contextlib.contextmanager
@@ -176,12 +180,12 @@ def warm_up(source_kind: str) -> None:
 def capture_trunk(plan: Plan) -> CapturedPiece:
     """Capture the model with every block replaced by a hole node."""
     start = time.perf_counter()
-    model = build_skeleton(plan.source, plan.dtype).to("meta")
+    model = plan.build_model().to("meta")
     holes = {}
     for group in plan.groups:
         for path in group.members:
             holes[path] = (model.get_submodule(path), group.call, group.id)
-            model.set_submodule(path, _HoleModule(path, group.call))
+            model.set_submodule(path, _HoleModule(path, group.call, plan.cache_layers.get(path, 0)))
     example = plan.example
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (example.args, example.kwargs))
     dynamic = _export_dynamic_shapes(model, args, kwargs, example.dynamic_axes)
@@ -195,10 +199,9 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
             plan.opset,
             {torch.ops.shardex.hole.default: _translate_hole},
         )
+    _name_values(onnx_model.graph.inputs, plan.input_names)
+    _name_values(onnx_model.graph.outputs, plan.output_names)
     _name_dynamic_axes(onnx_model, example.dynamic_axes)
-    if len(onnx_model.graph.outputs) == len(plan.output_names):
-        for value, name in zip(onnx_model.graph.outputs, plan.output_names):
-            value.name = name
     weights = _initializers_to_inputs(onnx_model, prefix="")
     _optimize(onnx_model)
     _type_hole_outputs(onnx_model, plan)  # after the optimizer, which drops types it cannot infer
@@ -216,7 +219,7 @@ class _FlatBlock(nn.Module):
 
     def forward(self, *tensors):
         args, kwargs = self.call.unflatten_inputs(tensors)
-        output = self.block(*args, **kwargs)
+        output = call_block(self.block, args, kwargs)
         return tuple(x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor))
 
 
@@ -224,7 +227,7 @@ def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
     """Capture one distinct block (the group's first member) as a standalone weightless graph."""
     start = time.perf_counter()
     group = plan.groups[group_id]
-    model = build_skeleton(plan.source, plan.dtype).to("meta")
+    model = plan.build_model().to("meta")
     block = model.get_submodule(group.members[0])
     inputs = tuple(
         torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in group.call.inputs
@@ -290,6 +293,14 @@ def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
     return {**dict(zip(params, args_spec)), **kwargs_spec}
 
 
+def _name_values(values: list[ir.Value], names: list[str]) -> None:
+    """Give graph inputs or outputs the plan's names (when the counts agree: a model that
+    returns an input unchanged keeps the exporter's names)."""
+    if len(values) == len(names):
+        for value, name in zip(values, names):
+            value.name = name
+
+
 def _type_hole_outputs(model: ir.Model, plan: Plan) -> None:
     """Hole nodes come out with symbolic shapes but no element type; the plan knows it."""
     for node in model.graph:
@@ -300,7 +311,9 @@ def _type_hole_outputs(model: ir.Model, plan: Plan) -> None:
 
 
 def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> None:
-    """Rename the exporter's symbols (s0, s1) to the user's axis names everywhere they appear."""
+    """Rename the exporter's symbols (s0, s1) to the user's axis names everywhere they appear,
+    inside expressions too; an expression equal to a derived axis (``past_sequence_length +
+    sequence_length``) takes that axis's name (``total_sequence_length``)."""
     renames: dict[str, str] = {}
     for value, axes in zip(model.graph.inputs, dynamic_axes):
         for dim, name in axes.items():
@@ -309,12 +322,18 @@ def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> N
                 renames.setdefault(symbol.value, name)
     if not renames:
         return
+    derived = {tuple(sorted(parts)): name for name, parts in DERIVED_AXES.items()}
+
+    def rename(dim):
+        if not isinstance(dim, ir.SymbolicDim) or not dim.value:
+            return dim
+        text = re.sub(r"\b[A-Za-z_]\w*\b", lambda m: renames.get(m.group(0), m.group(0)), dim.value)
+        terms = tuple(sorted(t.strip() for t in text.split("+")))
+        return derived.get(terms, text)
+
     for value in [*model.graph.inputs, *model.graph.outputs, *(o for n in model.graph for o in n.outputs)]:
         if value.shape is not None:
-            dims = [
-                renames.get(d.value, d.value) if isinstance(d, ir.SymbolicDim) else d for d in value.shape
-            ]
-            value.shape = ir.Shape(dims)
+            value.shape = ir.Shape([rename(d) for d in value.shape])
 
 
 def _initializers_to_inputs(model: ir.Model, *, prefix: str) -> list[str]:

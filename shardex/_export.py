@@ -34,6 +34,7 @@ from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
 from shardex._stitch import inline_blocks, stitch
+from shardex._tasks import check_task
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -71,6 +72,7 @@ def export(
     kwargs: dict[str, Any] | None = None,
     dynamic_shapes: Any = None,
     dtype: str | torch.dtype | None = None,
+    task: str | None = None,
     opset: int | None = None,
     block_pattern: str | None = None,
     max_shard_size: int | str = "1GiB",
@@ -93,7 +95,10 @@ def export(
     (with `weights` = a safetensors file or directory), or an ``nn.Module`` with real weights.
     `args`/`kwargs` are example inputs as for ``torch.onnx.export`` (token ids are generated for
     models with a vocabulary); `dynamic_shapes` maps each input (kwarg name, or position in a
-    tuple) to ``{dim: "axis_name"}``. Work runs on Ray: the cluster at `address` or
+    tuple) to ``{dim: "axis_name"}``. `task` (Optimum's names) chooses what a Hugging Face
+    checkpoint's program computes: causal LMs default to ``"text-generation-with-past"`` (one
+    decoder step with the KV cache as inputs and outputs), ``"text-generation"`` gives logits
+    without a cache. Work runs on Ray: the cluster at `address` or
     ``RAY_ADDRESS``, else a local Ray started and stopped here: at most `workers` tasks at once,
     each holding `cpus_per_task` CPUs, spread over the nodes; `runtime_env` goes to Ray for the
     workers of a joined cluster (e.g. ``{"pip": [...]}``). On a cluster every node must see
@@ -109,12 +114,14 @@ def export(
     """
     started = time.perf_counter()
     dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
+    _option(check_task, task)
     shard_bytes = _option(parse_size, max_shard_size)
     _check_run_options(workers, atol, rtol)
     if overwrite and resume:
         raise OptionsError("overwrite and resume contradict each other; pass one of them.")
     options = {
         "dtype": dtype_name(dtype_) if dtype_ else None,
+        "task": task,
         "opset": opset,
         "block_pattern": block_pattern,
         "max_shard_size": shard_bytes,
@@ -146,6 +153,7 @@ def export(
             block_pattern=block_pattern,
             max_shard_size=shard_bytes,
             opset=opset,
+            task=task,
             module=source if isinstance(source, nn.Module) else None,
             zero_copy=zero_copy,
         )
@@ -236,11 +244,18 @@ def verify(
         weights=described["files"] if described["kind"] == "factory" else None,
         trust_remote_code=manifest["options"].get("trust_remote_code", False),
     )
-    if args is None and kwargs is None:
+    options = manifest["options"]
+    task = manifest["plan"].get("task")
+    if task is not None:
+        if args is not None or kwargs is not None:
+            raise OptionsError(
+                f"{out} was exported for task {task!r}, which generates its own inputs; drop args=/kwargs=."
+            )
+        dynamic_shapes = None  # the task generates the same inputs again
+    elif args is None and kwargs is None:
         args, kwargs, dynamic_shapes = _load_example_inputs(out, manifest)
     else:
         dynamic_shapes = None
-    options = manifest["options"]
     plan, memory = make_plan(
         src,
         dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
@@ -250,6 +265,7 @@ def verify(
         block_pattern=options["block_pattern"],
         max_shard_size=options["max_shard_size"],
         opset=options["opset"],
+        task=task,
         zero_copy=options.get("zero_copy", False),
     )
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]

@@ -23,7 +23,20 @@ from torch.utils import _pytree as pytree
 
 from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
-from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint
+from shardex._source import Source, TensorLocation, build_skeleton, hf_config, index_checkpoint
+from shardex._tasks import (
+    DERIVED_AXES,
+    TEXT_GENERATION_WITH_PAST,
+    cache_layer_index,
+    cache_layout,
+    call_block,
+    default_task,
+    generation_example,
+    install_task,
+    merge_cache,
+    split_cache,
+    tree_names,
+)
 
 logger = logging.getLogger("shardex")
 
@@ -120,15 +133,19 @@ class ExampleInputs:
 
     def resized(self, extra: int = 3) -> ExampleInputs:
         """The same inputs grown by `extra` along every dynamic axis (values wrap around), used
-        to find which hole dims are dynamic and to verify at sizes other than the example's."""
+        to find which hole dims are dynamic and to verify at sizes other than the example's.
+        An axis that is the sum of others (`DERIVED_AXES`) grows by their sum."""
         dims_by_tensor = iter(self.dynamic_axes)
+
+        def growth(axis: str) -> int:
+            return sum(growth(part) for part in DERIVED_AXES[axis]) if axis in DERIVED_AXES else extra
 
         def grow(x):
             if not isinstance(x, torch.Tensor):
                 return x
-            for dim in next(dims_by_tensor):
+            for dim, axis in next(dims_by_tensor).items():
                 size = x.shape[dim]
-                x = x.index_select(dim, torch.arange(size + extra) % size)
+                x = x.index_select(dim, torch.arange(size + growth(axis)) % size)
             return x
 
         args, kwargs = pytree.tree_map(grow, (self.args, self.kwargs))
@@ -139,14 +156,21 @@ class ExampleInputs:
 class Plan:
     source: Source
     model_class: str
+    task: str | None  # see _tasks; None: the model's own forward
     dtype: torch.dtype | None  # requested conversion, None keeps the model's dtypes
     example: ExampleInputs
+    input_names: list[str]
     output_names: list[str]
     groups: list[BlockGroup]
+    cache_layers: dict[str, int]  # hole path -> the layer of the KV cache it reads (with a cache)
     tensors: list[TensorEntry]
     shards: list[ShardSpec]
     opset: int | None
     alias_to_name: dict[str, str]
+
+    def build_model(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The model on meta with this plan's task forward, in `dtype` (default: the plan's)."""
+        return build_model(self.source, self.dtype if dtype is None else dtype, self.task)
 
     @property
     def hole_paths(self) -> list[str]:
@@ -169,6 +193,9 @@ class Plan:
         return {
             "source": self.source.describe(),
             "model_class": self.model_class,
+            "task": self.task,
+            "inputs": self.input_names,
+            "outputs": self.output_names,
             "parameters": sum(math.prod(t.shape) for t in self.tensors if not t.is_buffer),
             "dtype": dtype_name(self.dtype) if self.dtype else None,
             "opset": self.opset,
@@ -218,40 +245,86 @@ def make_plan(
     block_pattern: str | None,
     max_shard_size: int,
     opset: int | None,
+    task: str | None = None,
     module: nn.Module | None = None,
     zero_copy: bool = False,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
     """Plan the export. Returns the plan and the tensors the coordinator itself must supply
     (non-persistent buffers; every tensor of `module`, the real in-memory model if the source
     is one)."""
-    skeleton = build_skeleton(source, dtype)
+    task = resolve_task(source, task, explicit_inputs=args is not None or kwargs is not None)
+    skeleton = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
     names = _tensor_names(skeleton)
     hole_paths = find_holes(skeleton, block_pattern)
+    if task == TEXT_GENERATION_WITH_PAST:
+        layout = cache_layout(skeleton, _run_fake)
+        install_task(skeleton, task)
+        kwargs, dynamic_shapes = generation_example(skeleton, layout)
     example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     memory = _memory_tensors(skeleton if module is None else module)
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
     skeleton.to("meta")
-    calls, output_names = record_calls(skeleton, hole_paths, example)
+    cache_layers = (
+        {p: cache_layer_index(skeleton.get_submodule(p), i) for i, p in enumerate(hole_paths)}
+        if task == TEXT_GENERATION_WITH_PAST
+        else {}
+    )
+    calls, output_names = record_calls(skeleton, hole_paths, example, cache_layers)
     groups = _group_blocks(skeleton, hole_paths, calls)
     if zero_copy:
         _check_zero_copy(tensors, source)
     shards = _assign_shards(tensors, max_shard_size, zero_copy)
-    alias_to_name = {alias: t.name for t in tensors for alias in t.aliases}
     plan = Plan(
-        source,
-        type(skeleton).__name__,
-        dtype,
-        example,
-        output_names,
-        groups,
-        tensors,
-        shards,
-        opset,
-        alias_to_name,
+        source=source,
+        model_class=type(skeleton).__name__,
+        task=task,
+        dtype=dtype,
+        example=example,
+        input_names=_input_names(skeleton, example),
+        output_names=output_names,
+        groups=groups,
+        cache_layers=cache_layers,
+        tensors=tensors,
+        shards=shards,
+        opset=opset,
+        alias_to_name={alias: t.name for t in tensors for alias in t.aliases},
     )
     return plan, memory
+
+
+def resolve_task(source: Source, task: str | None, *, explicit_inputs: bool) -> str | None:
+    """The task to export: the one asked for, else the checkpoint's default (see `_tasks`).
+    Explicit example inputs mean the model's own forward."""
+    if task is not None:
+        if source.kind != "hf":
+            raise PlanError(
+                f"task={task!r} needs a Hugging Face checkpoint; a {source.kind} source exports its own "
+                "forward: drop task= (--task)."
+            )
+        if explicit_inputs:
+            raise PlanError(
+                f"task={task!r} generates its own example inputs; drop args=/kwargs= (--input) or task= (--task)."
+            )
+        return task
+    if source.kind != "hf" or explicit_inputs:
+        return None
+    return default_task(hf_config(source))
+
+
+def build_model(source: Source, dtype: torch.dtype | None, task: str | None) -> nn.Module:
+    """The skeleton of `source` with the forward of `task` installed."""
+    model = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
+    install_task(model, task)
+    return model
+
+
+def _input_names(model: nn.Module, example: ExampleInputs) -> list[str]:
+    """Graph input names: positional inputs by forward's parameter names, nested ones by path."""
+    params = list(inspect.signature(model.forward).parameters)
+    named = {params[i] if i < len(params) else f"input_{i}": a for i, a in enumerate(example.args)}
+    return tree_names(named | example.kwargs)
 
 
 def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
@@ -313,7 +386,7 @@ def _example_inputs(model: nn.Module, args, kwargs, dynamic_shapes) -> ExampleIn
         if "attention_mask" in inspect.signature(model.forward).parameters:
             kwargs["attention_mask"] = torch.ones_like(ids)
         if dynamic_shapes is None:
-            dynamic_shapes = {k: {0: "batch", 1: "sequence"} for k in kwargs}
+            dynamic_shapes = {k: {0: "batch_size", 1: "sequence_length"} for k in kwargs}
     args = tuple(args or ())
     kwargs = _order_like_signature(model, dict(kwargs or {}))
     axes = _dynamic_axes(args, kwargs, dynamic_shapes)
@@ -433,13 +506,14 @@ def _is_non_persistent(model: nn.Module, name: str) -> bool:
 
 
 def record_calls(
-    model: nn.Module, hole_paths: list[str], example: ExampleInputs
+    model: nn.Module, hole_paths: list[str], example: ExampleInputs, cache_layers: dict[str, int]
 ) -> tuple[dict[str, CallSignature], list[str]]:
     """Record each hole's real call under fake tensors, at the example size and a grown size;
-    dims that differ between the two are the hole's dynamic dims. Also returns the model's
-    output names (``logits`` for a ModelOutput), used to name the ONNX outputs."""
-    first, output_names = _record_once(model, hole_paths, example)
-    second, _ = _record_once(model, hole_paths, example.resized())
+    dims that differ between the two are the hole's dynamic dims. Calls are recorded in hole
+    form (see `_tasks`): a block's layer of the KV cache is part of its inputs and outputs.
+    Also returns the model's output names (``logits``, ``present.0.key``, ...)."""
+    first, output_names = _record_once(model, hole_paths, example, cache_layers)
+    second, _ = _record_once(model, hole_paths, example.resized(), cache_layers)
     calls = {}
     for path in hole_paths:
         (in_spec, leaves, out_spec, out_leaves), (_, leaves2, _, out_leaves2) = first[path], second[path]
@@ -450,15 +524,6 @@ def record_calls(
             _with_dynamic_dims(out_leaves, out_leaves2),
         )
     return calls, output_names
-
-
-def _output_names(output) -> list[str]:
-    names = []
-    for path, leaf in pytree.tree_flatten_with_path(output)[0]:
-        if isinstance(leaf, torch.Tensor):
-            name = re.sub(r"\W+", "_", pytree.keystr(path)).strip("_")
-            names.append(name if name and not name[0].isdigit() else f"output_{name}".rstrip("_"))
-    return names
 
 
 def _with_dynamic_dims(leaves: list, grown: list) -> tuple:
@@ -490,20 +555,33 @@ def export_state():
     return _compiling_state_context()
 
 
-def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs) -> tuple[dict, list[str]]:
+def _run_fake(model: nn.Module, kwargs: dict, args: tuple = ()):
+    """Run `model` under fake tensors (no data is touched) in torch.export's state."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), export_state():
+        args, kwargs = pytree.tree_map_only(
+            torch.Tensor, lambda t: mode.from_tensor(t.to("meta")), (args, kwargs)
+        )
+        return model(*args, **kwargs)
+
+
+def _record_once(
+    model: nn.Module, hole_paths: list[str], example: ExampleInputs, cache_layers: dict[str, int]
+) -> tuple[dict, list[str]]:
     """One forward under fake tensors, recording each hole's call. A block identical to one
     already run (same fingerprint, same input specs) is not run again: its recorded output
     shapes are replayed, so planning cost barely grows with depth."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     records: dict[str, tuple] = {}
     outputs: dict[tuple, tuple] = {}
 
     def recorder(path: str, module: nn.Module):
         run = module.forward
         fingerprint = _fingerprint(module)
+        layer = cache_layers.get(path, 0)
 
         def forward(*args, **kwargs):
+            args, kwargs, cache = split_cache(args, kwargs, layer)
             in_spec, in_leaves = _spec_leaves((args, kwargs))
             key = (fingerprint, str(in_spec), repr(in_leaves))
             if key in outputs:
@@ -512,10 +590,10 @@ def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs
                 )
                 output = _empty_like_spec(*outputs[key], device)
             else:
-                output = run(*args, **kwargs)
+                output = call_block(run, args, kwargs)
                 outputs[key] = _spec_leaves(output)
             records[path] = (in_spec, in_leaves, *outputs[key])
-            return output
+            return merge_cache(output, cache, layer)
 
         return forward
 
@@ -523,11 +601,7 @@ def _record_once(model: nn.Module, hole_paths: list[str], example: ExampleInputs
     for path, block in zip(hole_paths, blocks):
         block.forward = recorder(path, block)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad(), export_state():
-            args, kwargs = pytree.tree_map_only(
-                torch.Tensor, lambda t: mode.from_tensor(t.to("meta")), (example.args, example.kwargs)
-            )
-            output_names = _output_names(model(*args, **kwargs))
+        output_names = tree_names(_run_fake(model, example.kwargs, example.args))
     except Exception as e:
         raise PlanError(
             f"running {type(model).__name__} on the example inputs under fake tensors failed: "

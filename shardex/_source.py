@@ -251,10 +251,11 @@ def _import_factory(path: str):
     return factory
 
 
-def build_skeleton(source: Source, dtype: torch.dtype | None) -> nn.Module:
+def build_skeleton(source: Source, dtype: torch.dtype | None, *, use_cache: bool = False) -> nn.Module:
     """The model with parameters on meta, in eval mode, with floating tensors in `dtype`.
 
-    `dtype=None` keeps the dtypes the model code chooses (for HF: the checkpoint's).
+    `dtype=None` keeps the dtypes the model code chooses (for HF: the checkpoint's). `use_cache`
+    keeps a Hugging Face config's KV cache on (exports with a cache); off, forward returns no cache.
     """
     if source.kind == "module":
         assert source.skeleton is not None, "Bug: a module source always carries its skeleton"
@@ -272,19 +273,26 @@ def build_skeleton(source: Source, dtype: torch.dtype | None) -> nn.Module:
         if dtype is not None:
             model.to(dtype)
     else:
-        model = _build_hf_skeleton(source, dtype)
+        model = _build_hf_skeleton(source, dtype, use_cache)
     return model.eval()
 
 
-def _build_hf_skeleton(source: Source, dtype: torch.dtype | None) -> nn.Module:
+def hf_config(source: Source):
+    """The checkpoint's transformers config (config.json)."""
     try:
         import transformers
     except ImportError as e:
         raise SourceError("a Hugging Face checkpoint needs transformers: pip install 'shardex[hf]'.") from e
-    config = transformers.AutoConfig.from_pretrained(
+    return transformers.AutoConfig.from_pretrained(
         source.location, trust_remote_code=source.trust_remote_code
     )
-    config.use_cache = False
+
+
+def _build_hf_skeleton(source: Source, dtype: torch.dtype | None, use_cache: bool) -> nn.Module:
+    import transformers
+
+    config = hf_config(source)
+    config.use_cache = use_cache and getattr(config, "use_cache", False)
     if dtype is None:
         dtype = checkpoint_float_dtype(source.files) or torch.float32
     architectures = getattr(config, "architectures", None) or []

@@ -29,8 +29,9 @@ from torch.utils import _pytree as pytree
 
 from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, TORCH_TO_SAFETENSORS, dtype_name
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import TensorLocation, build_skeleton, read_tensor
+from shardex._source import TensorLocation, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
+from shardex._tasks import call_block, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
 
@@ -128,10 +129,11 @@ class _WeightLoader:
 
 
 class _StreamedBlock(nn.Module):
-    """Runs a meta block with weights loaded for this call only; records its boundary."""
+    """Runs a meta block with weights loaded for this call only; records its boundary in hole
+    form (its layer of the KV cache among the inputs and outputs), as the ONNX function sees it."""
 
     def __init__(
-        self, path: str, block: nn.Module, group: BlockGroup, loader: _WeightLoader, record: dict
+        self, path: str, block: nn.Module, group: BlockGroup, loader: _WeightLoader, record: dict, layer: int
     ) -> None:
         super().__init__()
         self.path = path
@@ -139,12 +141,16 @@ class _StreamedBlock(nn.Module):
         self.group = group
         self.loader = loader
         self.record = record
+        self.layer = layer
 
     def forward(self, *args, **kwargs):
         weights = {n: self.loader.load(f"{self.path}.{n}") for n in self.group.weight_names}
-        output = torch.func.functional_call(self.block, weights, args, kwargs)
+        args, kwargs, cache = split_cache(args, kwargs, self.layer)
+        output = call_block(
+            lambda *a, **k: torch.func.functional_call(self.block, weights, a, k), args, kwargs
+        )
         self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
-        return output
+        return merge_cache(output, cache, self.layer)
 
 
 def _flat_numpy(tree) -> list[np.ndarray]:
@@ -152,7 +158,9 @@ def _flat_numpy(tree) -> list[np.ndarray]:
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().contiguous().numpy().copy()
+    """NumPy has no bfloat16: such tensors come out as (exactly upcast) float32."""
+    t = t.detach().cpu().contiguous()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
@@ -160,14 +168,15 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
     compute = compute_dtype(plan)
     device = reference_device()
     loader = _WeightLoader(plan, memory, compute, device)
-    model = build_skeleton(plan.source, compute)
+    model = plan.build_model(compute)
     holes = set(plan.hole_paths)
     boundaries: dict = {}
     for group in plan.groups:
         for path in group.members:
-            model.set_submodule(
-                path, _StreamedBlock(path, model.get_submodule(path), group, loader, boundaries)
+            block = _StreamedBlock(
+                path, model.get_submodule(path), group, loader, boundaries, plan.cache_layers.get(path, 0)
             )
+            model.set_submodule(path, block)
     loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
     state = {}
     for name, _ in [
@@ -179,7 +188,11 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
             if canonical not in loaded:
                 loaded[canonical] = loader.load(canonical)
             state[name] = loaded[canonical]
-    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (inputs.args, inputs.kwargs))
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, compute) if t.is_floating_point() else t.to(device)
+
+    args, kwargs = pytree.tree_map_only(torch.Tensor, to_device, (inputs.args, inputs.kwargs))
     with torch.no_grad(), export_state():
         output = torch.func.functional_call(model, state, args, kwargs)
     return ReferenceRun(_flat_numpy(output), boundaries)

@@ -60,8 +60,10 @@ def test_verify_then_inspect(llama_export):
     assert inspected.returncode == 0, inspected.stderr
     text = inspected.stdout
     for fragment in (
-        "input_ids: int64[batch, sequence]",
-        "logits: float32[batch, sequence, 128]",
+        "input_ids: int64[batch_size, sequence_length]",
+        "past_key_values.1.value: float32[batch_size, 2, past_sequence_length, 16]",
+        "logits: float32[batch_size, sequence_length, 128]",
+        "present.0.key: float32[batch_size, 2, total_sequence_length, 16]",
         "shardex.blocks.LlamaDecoderLayer",
         "called 2x",
         "model-00001-of-",

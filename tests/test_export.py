@@ -8,25 +8,20 @@ import os
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 
 import shardex
 from tests import models
+from tests.onnx_support import run_onnx, session, step_feeds, token_feeds
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def run_onnx(model_path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
-    """Plain ONNX Runtime, as a user without shardex would run the export."""
-    session = ort.InferenceSession(os.fspath(model_path), providers=["CPUExecutionProvider"])
-    return session.run(None, {k: v.numpy() for k, v in feeds.items()})
-
-
-def token_feeds(batch: int, seq: int, vocab: int = 128) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch * 100 + seq))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+def first_step(model_path, feeds: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """A first decoder step (empty KV cache) of a generation export, or a plain forward."""
+    sess = session(model_path)
+    return sess.run(None, step_feeds(sess, feeds["input_ids"].numpy(), feeds["attention_mask"].numpy()))
 
 
 def external_initializers(model_path) -> dict[str, dict]:
@@ -66,22 +61,42 @@ def test_llama_multi_file_checkpoint(tmp_path):
     assert verification["passed"] and len(verification["blocks"]) == 4
     assert all(c["max_abs_diff"] <= 1e-4 for c in verification["outputs"] + verification["blocks"])
 
-    # One function, called once per layer.
+    # One function, called once per layer; the KV cache is the default for a causal LM.
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     assert [f.name for f in proto.functions] == ["LlamaDecoderLayer"]
     calls = [n for n in proto.graph.node if n.domain == "shardex.blocks"]
     assert [n.name for n in calls] == [f"model.layers.{i}" for i in range(4)]
-    assert [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert manifest["plan"]["task"] == "text-generation-with-past"
+    inputs = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+    }
+    assert inputs["input_ids"] == ["batch_size", "sequence_length"]
+    assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert inputs["past_key_values.3.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert [o.name for o in proto.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
 
-    # Plain ONNX Runtime at sizes other than the example's, against transformers itself.
+    # Plain ONNX Runtime at sizes other than the example's, empty and non-empty past, against
+    # transformers itself (its own cache for the past).
     reference = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
-    for batch, seq in [(1, 5), (3, 13)]:
-        feeds = token_feeds(batch, seq)
+    sess = session(out / "model.onnx")
+    for batch, seq, past_length in [(1, 5, 0), (3, 13, 4)]:
+        feeds = token_feeds(batch, seq + past_length)
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
         with torch.no_grad():
-            expected = reference(**feeds).logits.numpy()
-        (logits,) = run_onnx(out / "model.onnx", feeds)
+            expected = reference(**feeds).logits[:, past_length:].numpy()
+        past = None
+        if past_length:
+            with torch.no_grad():
+                cache = reference(input_ids=ids[:, :past_length], use_cache=True).cache
+            past = {
+                f"past_key_values.{i}.{kind}": getattr(layer, f"{kind}s").numpy()
+                for i, layer in enumerate(cache.layers)
+                for kind in ("key", "value")
+            }
+        logits, *present = sess.run(None, step_feeds(sess, ids[:, past_length:].numpy(), mask.numpy(), past))
         assert logits.shape == expected.shape
         assert np.abs(logits - expected).max() <= 1e-4
+        assert present[0].shape == (batch, 2, seq + past_length, 16)
 
     assert_shards_sound(out, manifest)
     checkpoint_bytes = sum(os.path.getsize(f) for f in manifest["source"]["files"])
@@ -106,7 +121,7 @@ def test_gpt2_tied_weights_stored_once(tmp_path):
     feeds = token_feeds(2, 9)
     with torch.no_grad():
         expected = reference(**feeds).logits.numpy()
-    (logits, *_) = run_onnx(out / "model.onnx", feeds)
+    (logits, *_) = first_step(out / "model.onnx", feeds)
     assert np.abs(logits - expected).max() <= 1e-4
 
 
@@ -157,9 +172,10 @@ def test_inline_gives_flat_graph_with_same_outputs(tmp_path):
     assert not flat.functions
     assert not [n for n in flat.graph.node if n.domain.startswith("shardex")]
     feeds = token_feeds(2, 7)
-    (with_functions,) = run_onnx(tmp_path / "functions" / "model.onnx", feeds)
-    (inlined,) = run_onnx(tmp_path / "flat" / "model.onnx", feeds)
-    np.testing.assert_allclose(inlined, with_functions, atol=1e-5)
+    with_functions = first_step(tmp_path / "functions" / "model.onnx", feeds)
+    inlined = first_step(tmp_path / "flat" / "model.onnx", feeds)
+    for a, b in zip(inlined, with_functions, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
     assert shardex.load_manifest(tmp_path / "flat")["verification"]["passed"]
     assert shardex.verify(tmp_path / "flat").passed  # re-verification rebuilds the function form
 
@@ -236,7 +252,7 @@ def test_zero_copy_points_into_the_source_files(tmp_path):
     copied = sum(s["nbytes"] for s in manifest["shards"] if not s["link_target"])
     assert copied < 16 * 1024  # only the materialized rotary buffers are written
     feeds = token_feeds(2, 6)
-    (logits,) = run_onnx(out / "model.onnx", feeds)
+    (logits, *_) = first_step(out / "model.onnx", feeds)
     assert logits.shape == (2, 6, 128)
     assert shardex.verify(out).passed
     with pytest.raises(shardex.PlanError, match="zero_copy cannot convert"):

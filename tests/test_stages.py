@@ -52,6 +52,7 @@ def test_giant_llama_planned_on_meta_in_seconds():
         intermediate_size=11008,
         num_attention_heads=32,
         num_key_value_heads=32,
+        use_cache=False,  # as build_skeleton makes it without a KV-cache task
     )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config).eval()
@@ -59,7 +60,7 @@ def test_giant_llama_planned_on_meta_in_seconds():
     assert holes == [f"model.layers.{i}" for i in range(64)]
     from shardex._plan import _example_inputs
 
-    calls, output_names = record_calls(model, holes, _example_inputs(model, None, None, None))
+    calls, output_names = record_calls(model, holes, _example_inputs(model, None, None, None), {})
     groups = group_blocks(model, holes, calls)
     assert len(groups) == 1 and len(groups[0].members) == 64
     assert output_names == ["logits"]

@@ -17,6 +17,7 @@ from shardex._commands import (
     finish_with_manifest,
 )
 from shardex._report import REPORT_FILE
+from shardex._tasks import TASKS
 
 EXAMPLES = """\
 examples:
@@ -115,6 +116,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "(default for generated token ids: batch and sequence)",
     )
     model.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what a Hugging Face checkpoint's program computes (Optimum's task names): causal LMs default to "
+        "text-generation-with-past (one decoder step, KV cache as inputs and outputs, ready for "
+        "onnxruntime-genai), text-generation gives logits without a cache",
+    )
+    model.add_argument(
         "--blocks",
         metavar="PATTERN",
         help="fnmatch pattern of the repeated blocks to capture once each, e.g. --blocks 'model.layers.*' "
@@ -203,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
             kwargs=kwargs,
             dynamic_shapes=dynamic_shapes,
             dtype=args.dtype,
+            task=args.task,
             opset=args.opset,
             block_pattern=args.blocks,
             max_shard_size=args.max_shard_size,

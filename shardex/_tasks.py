@@ -1,0 +1,297 @@
+"""What the exported program computes: its task, its inputs and outputs, and the KV cache as one
+block sees it.
+
+Tasks take Optimum's names. ``text-generation-with-past`` (the default for causal LMs whose config
+has ``use_cache``) exports one decoder step with the cache as inputs and outputs, under the names
+onnxruntime-genai and Optimum read::
+
+    input_ids, attention_mask, position_ids, past_key_values.{i}.key/value
+        -> logits, present.{i}.key/value
+
+``text-generation`` exports logits only (no cache); ``None`` keeps the model's own forward.
+
+Each block (a decoder layer) stays one ONNX function: its layer of the cache becomes two more
+inputs (the past) and two more outputs (the present), so nothing per layer is duplicated. A block
+never sees the model's cache object. It is called in *hole form*: the cache argument is replaced
+by `LayerKV` (its own past), which becomes a `LayerCache` while the block runs; `update` there
+concatenates the new states exactly as transformers' `DynamicLayer` does. The plan's recording,
+the trunk's hole op, the block capture and the PyTorch reference all go through `split_cache`,
+`call_block` and `merge_cache`, so the four agree on one contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
+TEXT_GENERATION = "text-generation"
+TASKS = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION)
+
+# Example sizes of a generation step: a past shorter than the new tokens keeps the two symbols
+# apart (equal example sizes would let torch.export unify them).
+EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST = 2, 8, 5
+GENERATION_AXES = {
+    "input_ids": {0: "batch_size", 1: "sequence_length"},
+    "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+    "position_ids": {0: "batch_size", 1: "sequence_length"},
+    "past_key_values": {0: "batch_size", 2: "past_sequence_length"},
+}
+# An axis whose size is the sum of others: grown by their growth when inputs are resized.
+DERIVED_AXES = {"total_sequence_length": ("past_sequence_length", "sequence_length")}
+
+
+# --- the cache seen from one block --------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LayerKV:
+    """One layer's keys and values, [batch, kv_heads, length, head_dim] each."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+
+
+pytree.register_pytree_node(
+    LayerKV,
+    lambda kv: ([kv.key, kv.value], None),
+    lambda children, _: LayerKV(*children),
+    serialized_type_name="shardex.LayerKV",
+    flatten_with_keys_fn=lambda kv: (
+        [(pytree.GetAttrKey("key"), kv.key), (pytree.GetAttrKey("value"), kv.value)],
+        None,
+    ),
+)
+
+
+class LayerCache:
+    """A block's cache: its own past; `update` appends the new states along the sequence axis, as
+    transformers' `DynamicLayer` does, and keeps the result as the present."""
+
+    is_compileable = False
+
+    def __init__(self, past: LayerKV) -> None:
+        self.past = past
+        self.present: LayerKV | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.present = LayerKV(
+            torch.cat([self.past.key, key_states], dim=-2), torch.cat([self.past.value, value_states], dim=-2)
+        )
+        return self.present.key, self.present.value
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return self.past.key.shape[-2]
+
+
+def is_model_cache(value: Any) -> bool:
+    """A transformers `Cache` (checked without importing transformers for models that don't use it)."""
+    if "transformers" not in sys.modules:
+        return False
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
+def cache_layer_index(block: nn.Module, ordinal: int) -> int:
+    """Which layer of the model's cache a block reads: its attention's `layer_idx`, else its
+    position among the holes."""
+    for module in block.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int):
+            return index
+    return ordinal
+
+
+def split_cache(args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict, Any]:
+    """A block's call in hole form: a model cache argument is replaced by this layer's past
+    (`LayerKV`). Returns the new args and kwargs, and the cache (None if there was none)."""
+    found = None
+
+    def replace(value):
+        nonlocal found
+        if is_model_cache(value):
+            found = value
+            entry = value.layers[layer]
+            return LayerKV(entry.keys, entry.values)
+        return value
+
+    args = tuple(replace(a) for a in args)
+    kwargs = {k: replace(v) for k, v in kwargs.items()}
+    return args, kwargs, found
+
+
+def call_block(run: Callable, args: tuple, kwargs: dict):
+    """Run a block called in hole form. With a past, returns ``(output, present)``; the present
+    is the past unchanged if the block never updated its cache."""
+    caches = []
+
+    def to_cache(value):
+        if isinstance(value, LayerKV):
+            caches.append(LayerCache(value))
+            return caches[-1]
+        return value
+
+    output = run(*(to_cache(a) for a in args), **{k: to_cache(v) for k, v in kwargs.items()})
+    if not caches:
+        return output
+    (cache,) = caches
+    return output, cache.present or cache.past
+
+
+def merge_cache(output, cache, layer: int):
+    """Write a hole-form block output's present into the model's cache; return the block's output."""
+    if cache is None:
+        return output
+    output, present = output
+    entry = cache.layers[layer]
+    entry.keys, entry.values = present.key, present.value
+    return output
+
+
+# --- the model's cache during export ------------------------------------------------------
+
+
+def export_cache(past: tuple[dict[str, torch.Tensor], ...]):
+    """A transformers `DynamicCache` holding `past` (one ``{"key", "value"}`` per layer) as is.
+
+    Its layers report their length from the tensor shape (transformers' `DynamicLayer` also
+    tests ``numel() == 0``, which would pin the symbolic past length under export). Blocks never
+    call its `update`: the holes write each layer's present back with `merge_cache`.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class ExportLayer(DynamicLayer):
+        def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
+            super().__init__()
+            self.keys, self.values = key, value
+            self.device, self.dtype = key.device, key.dtype
+            self.is_initialized = True
+
+        def get_seq_length(self) -> int:
+            return self.keys.shape[-2]
+
+    cache = DynamicCache()
+    cache.layers = [ExportLayer(layer["key"], layer["value"]) for layer in past]
+    return cache
+
+
+# --- tasks --------------------------------------------------------------------------------
+
+
+def default_task(config) -> str | None:
+    """The task a Hugging Face checkpoint exports by default: ``text-generation-with-past`` for a
+    causal LM whose config keeps a cache, ``text-generation`` for one that does not, else None
+    (the model's own forward on generated token ids)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = getattr(config, "architectures", None) or [""]
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if getattr(config, "is_encoder_decoder", False) or architectures[0] not in causal:
+        return None
+    return TEXT_GENERATION_WITH_PAST if getattr(config, "use_cache", False) else TEXT_GENERATION
+
+
+def check_task(task: str | None) -> None:
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+
+
+def install_task(model: nn.Module, task: str | None) -> None:
+    """Give `model` the forward of `task` (an instance attribute over the class's forward)."""
+    if task == TEXT_GENERATION_WITH_PAST:
+        model.forward = _generation_forward(model)
+
+
+def _generation_forward(model: nn.Module) -> Callable:
+    """``forward(input_ids, attention_mask, [position_ids], past_key_values)`` -> ``{"logits",
+    "present"}``, the cache as one ``{"key", "value"}`` per layer."""
+    run = model.forward
+    accepted = inspect.signature(run).parameters
+    cache_keyword = "cache" if "cache" in accepted else "past_key_values"
+    takes_positions = "position_ids" in accepted
+
+    def step(input_ids, attention_mask, position_ids, past_key_values):
+        cache = export_cache(past_key_values)
+        extra = {"position_ids": position_ids} if takes_positions else {}
+        output = run(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            **{cache_keyword: cache},
+            **extra,
+        )
+        present = tuple({"key": layer.keys, "value": layer.values} for layer in cache.layers)
+        return {"logits": output.logits, "present": present}
+
+    if takes_positions:
+        return step
+
+    def forward(input_ids, attention_mask, past_key_values):
+        return step(input_ids, attention_mask, None, past_key_values)
+
+    return forward
+
+
+def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Size, torch.dtype]]):
+    """Example inputs of one generation step (batch 2, 8 new tokens after a past of 5) and their
+    dynamic axes; `layout` gives each cache layer's key and value shape and dtype."""
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    batch, seq, past = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
+    kwargs: dict[str, Any] = {
+        "input_ids": torch.randint(0, vocab, (batch, seq), generator=generator),
+        "attention_mask": torch.ones(batch, past + seq, dtype=torch.int64),
+    }
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = torch.arange(past, past + seq).expand(batch, seq).contiguous()
+
+    def random(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        sizes = (batch, shape[1], past, *shape[3:])
+        return torch.randn(sizes, generator=generator).to(dtype)
+
+    kwargs["past_key_values"] = tuple(
+        {"key": random(key, dtype), "value": random(value, dtype)} for key, value, dtype in layout
+    )
+    axes = {name: GENERATION_AXES[name] for name in kwargs}
+    return kwargs, axes
+
+
+def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]]:
+    """Each cache layer's key and value shape and dtype, read off one prefill of two tokens run
+    by `run(model, kwargs)` (under fake tensors: no weights are touched)."""
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    output = run(model, {"input_ids": ids, "use_cache": True})
+    cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+    if cache is None or not getattr(cache, "layers", None):
+        raise ValueError(f"{type(model).__name__} returned no transformers cache for use_cache=True")
+    return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in cache.layers]
+
+
+def tree_names(tree, *, prefix: str = "") -> list[str]:
+    """Names of a tree's tensors from their paths: dict keys and attributes as they are,
+    sequence positions as numbers, joined by '.' (``present.0.key``)."""
+    names = []
+    for path, leaf in pytree.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = []
+        for key in path:
+            if isinstance(key, pytree.MappingKey):
+                parts.append(str(key.key))
+            elif isinstance(key, pytree.SequenceKey):
+                parts.append(str(key.idx))
+            elif isinstance(key, pytree.GetAttrKey):
+                parts.append(key.name)
+            else:
+                parts.append(str(key))
+        name = ".".join([prefix, *parts] if prefix else parts)
+        names.append(name if name and not name[0].isdigit() else f"output.{name}".rstrip("."))
+    return names
