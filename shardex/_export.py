@@ -88,11 +88,14 @@ def export(
     resume: bool = False,
     trust_remote_code: bool = False,
     zero_copy: bool = False,
+    revision: str | None = None,
 ) -> torch.onnx.ONNXProgram:
     """Export `source` to ONNX in `output_dir` without ever holding all of its weights.
 
-    `source` is a Hugging Face checkpoint directory, a factory ``"package.module:function"``
-    (with `weights` = a safetensors file or directory), or an ``nn.Module`` with real weights.
+    `source` is a Hugging Face checkpoint directory, a Hugging Face Hub id ``"org/name"`` (at
+    `revision`, default main; fetched into the HF cache, which it is read from; an existing
+    directory of the same name wins), a factory ``"package.module:function"`` (with `weights` = a
+    safetensors file or directory), or an ``nn.Module`` with real weights.
     `args`/`kwargs` are example inputs as for ``torch.onnx.export`` (token ids are generated for
     models with a vocabulary); `dynamic_shapes` maps each input (kwarg name, or position in a
     tuple) to ``{dim: "axis_name"}``. `task` (Optimum's names) chooses what a Hugging Face
@@ -131,9 +134,10 @@ def export(
         "rtol": rtol,
         "trust_remote_code": trust_remote_code,
         "zero_copy": zero_copy,
+        "revision": revision,
     }
     timings: dict[str, float] = {}
-    src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code)
+    src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code, revision=revision)
     out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
 
     with (
@@ -239,10 +243,12 @@ def verify(
         raise OptionsError(
             f"{out} was exported from an in-memory module; it can only be verified by export(verify=True)."
         )
+    hub = described.get("hub")  # a Hub id: the recorded commit, from the cache when it is there
     src = resolve_source(
-        described["location"],
+        hub["repo_id"] if hub else described["location"],
         weights=described["files"] if described["kind"] == "factory" else None,
         trust_remote_code=manifest["options"].get("trust_remote_code", False),
+        revision=hub["commit"] if hub else None,
     )
     options = manifest["options"]
     task = manifest["plan"].get("task")
@@ -445,7 +451,8 @@ class _Journal:
 def _fingerprint(plan: Plan, options: dict) -> str:
     """Identity of an export's inputs: source (with header hashes), plan, options that change
     the bytes. Equal fingerprints produce byte-identical shards and model."""
-    relevant = {k: v for k, v in options.items() if k not in ("verify", "atol", "rtol")}
+    # A Hub revision counts through the commit it resolved to (in the plan's source).
+    relevant = {k: v for k, v in options.items() if k not in ("verify", "atol", "rtol", "revision")}
     identity = {"plan": plan.to_json(), "source": _source_hashes(plan), "options": relevant}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -74,6 +74,13 @@ def summarize(manifest: dict, output_dir: str) -> dict:
     }
 
 
+def source_name(source: dict) -> str:
+    """How a user named the source: ``org/name@commit`` for a Hub id (its location is a
+    snapshot directory of the HF cache), else its location."""
+    hub = source.get("hub")
+    return f"{hub['repo_id']}@{hub['commit'][:12]}" if hub else source["location"]
+
+
 def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     """The end-of-command summary: model, size, blocks, files, stage times, verification."""
     out = os.path.abspath(output_dir)
@@ -85,7 +92,7 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     stages = ", ".join(f"{label} {timings[key]:.1f}s" for key, label in STAGES if key in timings)
     distinct = ", ".join(f"{g['function']} x{len(g['members'])}" for g in groups)
     lines = [
-        f"{heading} {source['location']} -> {out} ({manifest['status']})",
+        f"{heading} {source_name(source)} -> {out} ({manifest['status']})",
         f"  model       {manifest.get('model_class', '?')} from {source['location']} "
         f"({SOURCE_KINDS.get(source['kind'], source['kind'])})",
         f"  parameters  {manifest['parameters']:,} ({human_count(manifest['parameters'])})",
@@ -166,7 +173,7 @@ def _render_html(manifest: dict) -> str:
     verification = manifest.get("verification")
     status_class = "pass" if manifest["status"] == "complete" else "fail"
     sections = [
-        f"<h1>shardex export of <code>{_e(source['location'])}</code></h1>",
+        f"<h1>shardex export of <code>{_e(source_name(source))}</code></h1>",
         f"<p>Status: <span class='{status_class}'>{_e(manifest['status'])}</span>; "
         f"{manifest['parameters']:,} parameters ({human_count(manifest['parameters'])}); "
         f"{human_bytes(total_bytes(manifest))} on disk; created {_e(manifest.get('created', '?'))}.</p>",
@@ -183,7 +190,7 @@ def _render_html(manifest: dict) -> str:
     ]
     return (
         "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-        f"<title>shardex report: {_e(os.path.basename(source['location']))}</title>"
+        f"<title>shardex report: {_e(os.path.basename(source_name(source)))}</title>"
         f"<style>{_STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n"
     )
 

@@ -1,7 +1,9 @@
 """Stage 1, source: where a model comes from, without materializing its weights.
 
 Three kinds of source share one shape (`Source`, picklable and cheap to ship to workers):
-- ``hf``: a Hugging Face checkpoint directory; the skeleton is built from ``config.json``;
+- ``hf``: a Hugging Face checkpoint directory; the skeleton is built from ``config.json``. A Hub
+  id (``"org/name"``, not an existing path) is resolved to its snapshot directory in the HF
+  cache by `_hub`, and the id and commit are kept in ``Source.hub``;
 - ``factory``: ``"package.module:function"`` returning an ``nn.Module``, plus safetensors files;
 - ``module``: an in-memory ``nn.Module``; its meta-device copy travels, its weights stay with the
   coordinator.
@@ -52,9 +54,11 @@ class Source:
     files: list[str]
     trust_remote_code: bool = False
     skeleton: nn.Module | None = dataclasses.field(default=None, repr=False, compare=False)
+    hub: dict[str, str] | None = None  # {"repo_id", "commit"} of a Hub id, resolved to `location`
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "location": self.location, "files": list(self.files)}
+        described = {"kind": self.kind, "location": self.location, "files": list(self.files)}
+        return described | ({"hub": dict(self.hub)} if self.hub else {})
 
 
 def resolve_source(
@@ -62,8 +66,10 @@ def resolve_source(
     *,
     weights: str | os.PathLike | list[str] | None = None,
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ) -> Source:
-    """Classify and validate `source` before any work starts."""
+    """Classify and validate `source` before any work starts. `revision` (a branch, tag or
+    commit) is for Hub ids; an existing directory of the same name as an id wins."""
     if isinstance(source, nn.Module):
         if weights is not None:
             raise SourceError(
@@ -75,7 +81,22 @@ def resolve_source(
             files=[],
             skeleton=meta_copy(source),
         )
+    from shardex import _hub  # here, not at the top: _hub imports this module
+
     text = os.fspath(source)
+    hub = None
+    is_hub_id = not os.path.exists(text) and _hub.looks_like_repo_id(text)
+    if revision is not None and not is_hub_id:
+        shadowed = " (a local path wins over a Hub id of the same name)" if os.path.exists(text) else ""
+        raise SourceError(
+            f"revision= is only for Hugging Face Hub ids 'org/name', got {text!r}{shadowed}; drop revision=, "
+            "or run from a directory where the id names no local path."
+        )
+    if is_hub_id:
+        if weights is not None:
+            raise SourceError(f"weights= is only for factory sources; {text!r} is a Hub id.")
+        hub_id, text = text, _hub.resolve_hub_id(text, revision=revision, trust_remote_code=trust_remote_code)
+        hub = {"repo_id": hub_id, "commit": os.path.basename(text)}
     if os.path.isdir(text):
         if weights is not None:
             raise SourceError(f"weights= is only for factory sources; {text} is a checkpoint directory.")
@@ -90,6 +111,7 @@ def resolve_source(
             location=os.path.abspath(text),
             files=safetensors_files(text),
             trust_remote_code=trust_remote_code,
+            hub=hub,
         )
     if ":" in text and not os.path.exists(text):
         if weights is None:
@@ -105,8 +127,8 @@ def resolve_source(
             files = [_existing_file(os.fspath(weights))]
         return Source(kind="factory", location=text, files=files)
     raise SourceError(
-        f"source {text!r} does not exist; pass a checkpoint directory (with config.json), a "
-        "factory 'package.module:function', or an nn.Module."
+        f"source {text!r} does not exist; pass a checkpoint directory (with config.json), a Hugging "
+        "Face Hub id 'org/name', a factory 'package.module:function', or an nn.Module."
     )
 
 

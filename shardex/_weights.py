@@ -80,13 +80,15 @@ def write_shard(
 def link_shard(shard: ShardSpec, output_dir: str) -> ShardResult:
     """Zero-copy: the shard is a hard link to the source safetensors file, identified by its
     header hash. A hard link, not a symlink: ONNX Runtime resolves symlinks and refuses external
-    data outside the model's directory. Hard links need one filesystem."""
+    data outside the model's directory. Hard links need one filesystem. A source file that is a
+    symlink (the HF cache's snapshots point into blobs/) is linked through to its target: a hard
+    link to the symlink would be a symlink, dangling when relative."""
     start = time.perf_counter()
     assert shard.link_target, f"Bug: {shard.file} is not a link shard"
     partial = partial_path(output_dir, shard.file)
     _remove_quietly(partial)
     try:
-        os.link(shard.link_target, partial)
+        os.link(os.path.realpath(shard.link_target), partial)
     except OSError as e:
         raise WeightsError(
             f"zero_copy cannot hard-link {shard.link_target} into {output_dir} ({e.strerror}); put the "

@@ -44,6 +44,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from shardex._errors import OptionsError, ShardexError
 from shardex._export import load_manifest
+from shardex._hub import looks_like_repo_id
 from shardex._report import REPORT_FILE, human_bytes, human_count, summarize
 from shardex._weights import file_sha256
 
@@ -175,9 +176,10 @@ def _resolve(path: str, base: str) -> str:
 
 
 def _resolve_source(source: str, base: str) -> str:
-    """A path relative to the manifest's directory, or a factory 'package.module:function' as is."""
+    """A path relative to the manifest's directory; where none exists, a factory
+    'package.module:function' or a Hub id 'org/name' as is."""
     path = _resolve(source, base)
-    return source if ":" in source and not os.path.exists(path) else path
+    return source if (":" in source or looks_like_repo_id(source)) and not os.path.exists(path) else path
 
 
 def export_is_complete(output_dir: str) -> bool:

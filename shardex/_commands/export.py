@@ -22,12 +22,18 @@ from shardex._tasks import TASKS
 EXAMPLES = """\
 examples:
   shardex export ./Llama-3-8B out/llama --dtype bf16 --max-shard-size 2GiB
+  shardex export meta-llama/Llama-3.1-8B out/llama --revision main
   shardex export ./ckpt out/ckpt --blocks 'model.layers.*' --address ray://head:10001
   shardex export mypkg.models:build out/mlp --weights mlp.safetensors \\
       --input x=2x16 --dynamic-axes x=0:batch
 
 Checkpoints with a vocabulary need no --input: token ids (batch 2, sequence 8) with dynamic
-batch and sequence axes are generated. Factory models name their forward's keyword inputs."""
+batch and sequence axes are generated. Factory models name their forward's keyword inputs.
+
+A Hub id is fetched with huggingface_hub into its cache (HF_HOME, HF_HUB_CACHE), and read from
+there: only config, generation config, safetensors (+ index) and tokenizer files. HF_TOKEN is
+used for private and gated models; with HF_HUB_OFFLINE=1 only the cache is used. When a local
+path has the same name as the id (a directory ./org/name), the local directory wins."""
 
 # The flags a zoo entry may not set: the zoo chooses them for every export it runs.
 ZOO_CONTROLLED = frozenset(
@@ -88,7 +94,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "source",
         metavar="SRC",
-        help="a Hugging Face checkpoint directory (config.json + *.safetensors), e.g. ./Llama-3-8B, or a "
+        help="a Hugging Face checkpoint directory (config.json + *.safetensors), e.g. ./Llama-3-8B, a "
+        "Hugging Face Hub id, e.g. meta-llama/Llama-3.1-8B (a local directory of that name wins), or a "
         "factory 'package.module:function' returning the nn.Module (with --weights)",
     )
     parser.add_argument(
@@ -99,6 +106,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights",
         metavar="PATH",
         help="safetensors file or directory holding a factory model's weights, e.g. --weights mlp.safetensors",
+    )
+    model.add_argument(
+        "--revision",
+        metavar="REV",
+        help="branch, tag or commit hash of a Hub id SRC, e.g. --revision v1.0 (default: main)",
     )
     model.add_argument(
         "--input",
@@ -225,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             trust_remote_code=args.trust_remote_code,
             zero_copy=args.zero_copy,
+            revision=args.revision,
         )
     except shardex.VerificationError as e:
         return finish_with_manifest(args, args.output, heading="exported", failure=e)
