@@ -8,4 +8,6 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
+# The generation runtimes (onnxruntime-genai, Optimum), in their own environments, for the tests.
+bash scripts/setup_runtimes.sh
 echo "shardex is set up in $(pwd)/.venv" >&2
