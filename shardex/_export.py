@@ -30,11 +30,12 @@ from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import MARKER_PREFIX, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, SourceError, VerificationError
+from shardex._layout import TOKEN_INPUTS, RuntimeIO, is_runtime_file, write_runtime_files
 from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
 from shardex._stitch import inline_blocks, stitch
-from shardex._tasks import check_task
+from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_task
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -187,6 +188,7 @@ def export(
             inline_blocks(model)
         model_path = _save_model(model, out)
         _save_example_inputs(plan, out)
+        runtime_files = _write_runtime_layout(plan, out)
         timings["stitch"] = time.perf_counter() - clock
 
         report = None
@@ -210,6 +212,7 @@ def export(
         memory_sampler.peak,
         journal,
         summarize_nodes(records),
+        runtime_files,
     )
     journal.close()
     logger.info("exported to %s in %.1fs", out, timings["total"])
@@ -344,7 +347,10 @@ def _prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
     foreign = [
         n
         for n in existing
-        if n not in OWN_FILES and not _is_shard_file(n) and not n.startswith(MARKER_PREFIX)
+        if n not in OWN_FILES
+        and not _is_shard_file(n)
+        and not is_runtime_file(n)
+        and not n.startswith(MARKER_PREFIX)
     ]
     if foreign:
         raise OptionsError(
@@ -580,6 +586,24 @@ def _log_verified(task: _ray.Task, checks: list) -> None:
         )
 
 
+def _write_runtime_layout(plan: Plan, out: str) -> list[str]:
+    """genai_config.json, config, generation config and tokenizer files beside a generation
+    export of a checkpoint, so onnxruntime-genai and Optimum open the directory as it is. The
+    cache's sizes come from the plan (what the graph takes), the rest from config.json."""
+    if plan.task != TEXT_GENERATION_WITH_PAST or plan.source.kind != "hf":
+        return []
+    inputs = dict(zip(plan.input_names, plan.example.flat_tensors()))
+    keys = [t for name, t in inputs.items() if name.startswith("past_key_values.") and name.endswith(".key")]
+    with open(os.path.join(plan.source.location, "config.json")) as f:
+        io = RuntimeIO.from_config(
+            json.load(f), fused_attention=False, inputs=tuple(n for n in TOKEN_INPUTS if n in inputs)
+        )
+    io = dataclasses.replace(
+        io, num_layers=len(keys), num_kv_heads=keys[0].shape[1], head_dim=keys[0].shape[3]
+    )
+    return write_runtime_files(out, plan.source.location, io=io)
+
+
 def _save_example_inputs(plan: Plan, out: str) -> None:
     """Keep the example inputs beside the model so `verify` can rerun without the caller's code."""
     from safetensors.torch import save_file
@@ -655,6 +679,7 @@ def _write_manifest(
     peak_memory,
     journal,
     placement,
+    runtime_files: list[str],
 ) -> None:
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -681,6 +706,7 @@ def _write_manifest(
         "bytes_written": journal.bytes_written,
         "reused_shards": sorted(journal.reused),
         "placement": placement,
+        "runtime_files": runtime_files,
         "verification": report.to_json() if report is not None else None,
     }
     _write_json_atomic(out, MANIFEST_FILE, manifest)

@@ -267,6 +267,13 @@ def _tokenizer_files(checkpoint: str) -> list[str]:
     return [n for n in os.listdir(checkpoint) if any(fnmatch.fnmatch(n, p) for p in TOKENIZER_FILES)]
 
 
+def is_runtime_file(name: str) -> bool:
+    """A file `write_runtime_files` may have written (so an overwrite may replace it)."""
+    return name in (GENAI_CONFIG_FILE, *CONFIG_FILES) or any(
+        fnmatch.fnmatch(name, p) for p in TOKENIZER_FILES
+    )
+
+
 def _read_json(directory: str, name: str, *, required: bool) -> dict | None:
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
