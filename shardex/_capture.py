@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 from shardex._dtypes import TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._plan import CallSignature, Plan, TensorSpec
-from shardex._tasks import DERIVED_AXES, call_block, merge_cache, split_cache
+from shardex._tasks import DERIVED_AXES, call_block, hole_names, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
 
@@ -199,8 +199,8 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
             plan.opset,
             {torch.ops.shardex.hole.default: _translate_hole},
         )
-    _name_values(onnx_model.graph.inputs, plan.input_names)
-    _name_values(onnx_model.graph.outputs, plan.output_names)
+    _name_inputs(onnx_model.graph, plan.input_names)
+    _name_outputs(onnx_model.graph, plan.output_names)
     _name_dynamic_axes(onnx_model, example.dynamic_axes)
     weights = _initializers_to_inputs(onnx_model, prefix="")
     _optimize(onnx_model)
@@ -237,6 +237,15 @@ def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
     onnx_model = _export(
         group.function_name, _FlatBlock(block, group.call), inputs, {}, dynamic, plan.opset, None
     )
+    args, kwargs = group.call.unflatten_inputs(inputs)
+    outputs = group.call.unflatten_outputs(
+        torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in group.call.outputs
+    )
+    input_names, output_names = hole_names(
+        list(inspect.signature(block.forward).parameters), args, kwargs, outputs
+    )
+    _name_inputs(onnx_model.graph, input_names)
+    _name_outputs(onnx_model.graph, output_names)
     weights = _initializers_to_inputs(onnx_model, prefix=BLOCK_PREFIX)
     expected = group.weight_names
     if sorted(weights) != sorted(expected):
@@ -293,12 +302,25 @@ def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
     return {**dict(zip(params, args_spec)), **kwargs_spec}
 
 
-def _name_values(values: list[ir.Value], names: list[str]) -> None:
-    """Give graph inputs or outputs the plan's names (when the counts agree: a model that
-    returns an input unchanged keeps the exporter's names)."""
-    if len(values) == len(names):
-        for value, name in zip(values, names):
+def _name_inputs(graph: ir.Graph, names: list[str]) -> None:
+    """Give the graph's inputs the plan's names (when the counts agree)."""
+    if len(graph.inputs) == len(names):
+        for value, name in zip(graph.inputs, names):
             value.name = name
+
+
+def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
+    """Give the graph's outputs the plan's names (when the counts agree). An output that is a
+    graph input passed through gets an Identity, so the input keeps its own name."""
+    if len(graph.outputs) != len(names):
+        return
+    for index, (value, name) in enumerate(zip(list(graph.outputs), names)):
+        if value.is_graph_input():
+            identity = ir.node("Identity", [value])
+            identity.outputs[0].shape, identity.outputs[0].type = value.shape, value.type
+            graph.append(identity)
+            graph.outputs[index] = value = identity.outputs[0]
+        value.name = name
 
 
 def _type_hole_outputs(model: ir.Model, plan: Plan) -> None:

@@ -30,6 +30,7 @@ from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import MARKER_PREFIX, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, SourceError, VerificationError
+from shardex._generation import GenerationCheck, reference_generation, verify_generation
 from shardex._layout import TOKEN_INPUTS, RuntimeIO, is_runtime_file, write_runtime_files
 from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
@@ -79,6 +80,7 @@ def export(
     max_shard_size: int | str = "1GiB",
     inline: bool = False,
     verify: bool = True,
+    verify_tokens: int = 8,
     atol: float | None = None,
     rtol: float | None = None,
     address: str | None = None,
@@ -121,6 +123,7 @@ def export(
     _option(check_task, task)
     shard_bytes = _option(parse_size, max_shard_size)
     _check_run_options(workers, atol, rtol)
+    _check_verify_tokens(verify_tokens)
     if overwrite and resume:
         raise OptionsError("overwrite and resume contradict each other; pass one of them.")
     options = {
@@ -131,6 +134,7 @@ def export(
         "max_shard_size": shard_bytes,
         "inline": inline,
         "verify": verify,
+        "verify_tokens": verify_tokens,
         "atol": atol,
         "rtol": rtol,
         "trust_remote_code": trust_remote_code,
@@ -194,7 +198,7 @@ def export(
         report = None
         if verify:
             clock = time.perf_counter()
-            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
+            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, verify_tokens)
             timings["verify"] = time.perf_counter() - clock
 
     timings["total"] = time.perf_counter() - started
@@ -228,6 +232,7 @@ def verify(
     kwargs: dict[str, Any] | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    verify_tokens: int | None = None,
     address: str | None = None,
     workers: int | None = None,
     cpus_per_task: float = 1,
@@ -237,8 +242,11 @@ def verify(
     PyTorch globally and per block. Updates the manifest; raises `VerificationError` on failure.
 
     Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given.
+    A generation export's greedy decoding is checked for `verify_tokens` tokens (default: as
+    many as at export).
     """
     _check_run_options(workers, atol, rtol)
+    _check_verify_tokens(verify_tokens)
     out = os.path.abspath(os.fspath(output_dir))
     manifest = load_manifest(out)
     described = manifest["source"]
@@ -295,7 +303,8 @@ def verify(
             program = stitch(plan, trunk, blocks, out)
         else:
             program = ir.load(os.path.join(out, MODEL_FILE))
-        report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
+        new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
+        report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
     report.shard_hash_mismatches = [
         s["file"] for s in manifest["shards"] if _shard_hash(out, s) != s["sha256"]
     ]
@@ -319,6 +328,13 @@ def _check_run_options(workers: int | None, atol: float | None, rtol: float | No
     for name, value in (("atol", atol), ("rtol", rtol)):
         if value is not None and value < 0:
             raise OptionsError(f"{name} must be >= 0, got {value}.")
+
+
+def _check_verify_tokens(verify_tokens: int | None) -> None:
+    if verify_tokens is not None and (not isinstance(verify_tokens, int) or verify_tokens < 0):
+        raise OptionsError(
+            f"verify_tokens must be a whole number >= 0 (0 skips the generation check), got {verify_tokens!r}."
+        )
 
 
 def _option(parse, value):
@@ -458,7 +474,9 @@ def _fingerprint(plan: Plan, options: dict) -> str:
     """Identity of an export's inputs: source (with header hashes), plan, options that change
     the bytes. Equal fingerprints produce byte-identical shards and model."""
     # A Hub revision counts through the commit it resolved to (in the plan's source).
-    relevant = {k: v for k, v in options.items() if k not in ("verify", "atol", "rtol", "revision")}
+    relevant = {
+        k: v for k, v in options.items() if k not in ("verify", "verify_tokens", "atol", "rtol", "revision")
+    }
     identity = {"plan": plan.to_json(), "source": _source_hashes(plan), "options": relevant}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -522,9 +540,12 @@ def _save_model(model: ir.Model, out: str) -> str:
     return path
 
 
-def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1) -> VerificationReport:
+def _verify(
+    plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1, new_tokens: int = 0
+) -> VerificationReport:
     """Reference run here (streamed); the streamed global check and one check per block group
-    on Ray. `program` is the stitched model in function form (before any inlining)."""
+    on Ray; for a generation export with `new_tokens`, greedy decoding on both sides too.
+    `program` is the stitched model in function form (before any inlining)."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
@@ -554,12 +575,20 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_
         )
         for g in plan.groups
     ]
+    if new_tokens and plan.task == TEXT_GENERATION_WITH_PAST:
+        logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
+        generation = reference_generation(plan, memory, new_tokens)
+        generation_args = (program_bytes, check_models, plan, out, generation, atol_, rtol_, promote)
+        tasks.append(_ray.Task("verify generation", verify_generation, generation_args, gpu=True))
     results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task)
+    generation = results.pop() if isinstance(results[-1], GenerationCheck) else None
     runtime = f"ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
     blocks = [check for group_checks in results[1:] for check in group_checks]
-    report = VerificationReport(method, dtype_name(compute), shapes, results[0], blocks)
+    report = VerificationReport(
+        method, dtype_name(compute), shapes, results[0], blocks, generation=generation
+    )
     report.seconds = time.perf_counter() - start
     worst = max((c.max_abs_diff for c in report.outputs), default=0.0)
     logger.info(
@@ -571,8 +600,10 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_
     return report
 
 
-def _log_verified(task: _ray.Task, checks: list) -> None:
+def _log_verified(task: _ray.Task, checks) -> None:
     """Progress on the driver: workers' own logs do not reach it."""
+    if isinstance(checks, GenerationCheck):
+        checks = checks.checks()
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
     if worst is not None:
         failed = sum(not c.passed for c in checks)

@@ -126,6 +126,14 @@ def _verification_lines(verification: dict | None) -> list[str]:
         lines.append(
             f"              blocks: {passed}/{len(blocks)} passed; worst {worst['name']}: {_diffs(worst)}"
         )
+    generation = verification.get("generation")
+    if generation:
+        verdict = "equal" if generation["tokens_equal"] else "DIFFER"
+        lines.append(
+            f"              generation: {generation['new_tokens']} greedy tokens {verdict} "
+            f"(batch {len(generation['torch_tokens'])}, one row left-padded); prefill logits "
+            f"{_diffs(generation['prefill'])}; decode logits {_diffs(generation['decode'])}"
+        )
     if verification["shard_hash_mismatches"]:
         lines.append(
             f"              shard sha256 changed: {', '.join(verification['shard_hash_mismatches'])}"
@@ -239,6 +247,24 @@ def _verification_html(verification: dict | None) -> str:
         f"{_e(verification['compute_dtype'])}, on inputs of shape {shapes}.</p>",
         _checks_table(verification["outputs"]),
     ]
+    generation = verification.get("generation")
+    if generation:
+        verdict = (
+            "<span class='pass'>equal</span>"
+            if generation["tokens_equal"]
+            else "<span class='fail'>differ</span>"
+        )
+        parts.append(
+            f"<p>Greedy generation of {generation['new_tokens']} tokens through the KV cache (a prompt "
+            f"with an empty past, then one token per step; ONNX Runtime fed PyTorch's tokens): tokens "
+            f"{verdict}.</p>"
+        )
+        rows = [
+            [f"row {i}", " ".join(map(str, t)), " ".join(map(str, o))]
+            for i, (t, o) in enumerate(zip(generation["torch_tokens"], generation["onnx_tokens"]))
+        ]
+        parts.append(_table(["prompt", "PyTorch tokens", "ONNX Runtime tokens"], rows))
+        parts.append(_checks_table([generation["prefill"], generation["decode"]]))
     if verification["shard_hash_mismatches"]:
         names = ", ".join(_e(n) for n in verification["shard_hash_mismatches"])
         parts.append(f"<p class='fail'>Shards whose sha256 changed since the export: {names}</p>")

@@ -275,6 +275,18 @@ def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torc
     return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in cache.layers]
 
 
+def hole_names(params: list[str], args: tuple, kwargs: dict, output) -> tuple[list[str], list[str]]:
+    """Readable names of a block's hole-form inputs and outputs: positional inputs by the
+    forward's parameter names, keyword inputs by their keywords, nested ones by path
+    (``position_embeddings.0``), its cache layer as ``past_key_values.key/value`` in and
+    ``present.key/value`` out; its own outputs ``output`` (``output.0``, ... for several)."""
+    named = {params[i] if i < len(params) else f"input_{i}": a for i, a in enumerate(args)} | kwargs
+    has_past = any(isinstance(v, LayerKV) for v in named.values())
+    named = {"past_key_values" if isinstance(v, LayerKV) else k: v for k, v in named.items()}
+    outputs = {"output": output[0], "present": output[1]} if has_past else {"output": output}
+    return tree_names(named), tree_names(outputs)
+
+
 def tree_names(tree, *, prefix: str = "") -> list[str]:
     """Names of a tree's tensors from their paths: dict keys and attributes as they are,
     sequence positions as numbers, joined by '.' (``present.0.key``)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any
 
 import numpy as np
 import onnx
@@ -67,17 +68,24 @@ class VerificationReport:
     blocks: list[CheckResult]
     seconds: float = 0.0
     shard_hash_mismatches: list[str] = dataclasses.field(default_factory=list)
+    generation: Any = None  # a `_generation.GenerationCheck` for generation exports
+
+    @property
+    def checks(self) -> list[CheckResult]:
+        generation = self.generation.checks() if self.generation is not None else []
+        return [*self.outputs, *self.blocks, *generation]
 
     @property
     def passed(self) -> bool:
-        return not self.shard_hash_mismatches and all(c.passed for c in [*self.outputs, *self.blocks])
+        return not self.shard_hash_mismatches and all(c.passed for c in self.checks)
 
     @property
     def failures(self) -> list[CheckResult]:
-        return [c for c in [*self.outputs, *self.blocks] if not c.passed]
+        return [c for c in self.checks if not c.passed]
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self) | {"passed": self.passed}
+        generation = self.generation.to_json() if self.generation is not None else None
+        return dataclasses.asdict(self) | {"passed": self.passed, "generation": generation}
 
 
 def compute_dtype(plan: Plan) -> torch.dtype:
@@ -149,7 +157,8 @@ class _StreamedBlock(nn.Module):
         output = call_block(
             lambda *a, **k: torch.func.functional_call(self.block, weights, a, k), args, kwargs
         )
-        self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
+        if self.record is not None:
+            self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
         return merge_cache(output, cache, self.layer)
 
 
@@ -163,39 +172,57 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
+class StreamedReference:
+    """The PyTorch model on meta, trunk weights loaded, each block loading its weights only
+    while it runs (memory ~ trunk + one block); callable any number of times. With `record`,
+    the last call's block boundaries (hole form) are in `boundaries`."""
+
+    def __init__(self, plan: Plan, memory: dict[str, torch.Tensor], *, record: bool = True) -> None:
+        self.compute = compute_dtype(plan)
+        self.device = reference_device()
+        loader = _WeightLoader(plan, memory, self.compute, self.device)
+        self.model = plan.build_model(self.compute)
+        holes = set(plan.hole_paths)
+        self.boundaries: dict | None = {} if record else None
+        for group in plan.groups:
+            for path in group.members:
+                block = _StreamedBlock(
+                    path,
+                    self.model.get_submodule(path),
+                    group,
+                    loader,
+                    self.boundaries,
+                    plan.cache_layers.get(path, 0),
+                )
+                self.model.set_submodule(path, block)
+        loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
+        self.state = {}
+        for name, _ in [
+            *self.model.named_parameters(remove_duplicate=False),
+            *self.model.named_buffers(remove_duplicate=False),
+        ]:
+            if not any(name.startswith(h + ".") for h in holes):
+                canonical = plan.entry(name).name
+                if canonical not in loaded:
+                    loaded[canonical] = loader.load(canonical)
+                self.state[name] = loaded[canonical]
+
+    def __call__(self, args: tuple, kwargs: dict):
+        """The model's output on `args`/`kwargs` (floating inputs cast to the compute dtype)."""
+
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, self.compute) if t.is_floating_point() else t.to(self.device)
+
+        args, kwargs = pytree.tree_map_only(torch.Tensor, to_device, (args, kwargs))
+        with torch.no_grad(), export_state():
+            return torch.func.functional_call(self.model, self.state, args, kwargs)
+
+
 def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
     """Run the PyTorch model on `inputs`, streaming block weights; memory ~ trunk + one block."""
-    compute = compute_dtype(plan)
-    device = reference_device()
-    loader = _WeightLoader(plan, memory, compute, device)
-    model = plan.build_model(compute)
-    holes = set(plan.hole_paths)
-    boundaries: dict = {}
-    for group in plan.groups:
-        for path in group.members:
-            block = _StreamedBlock(
-                path, model.get_submodule(path), group, loader, boundaries, plan.cache_layers.get(path, 0)
-            )
-            model.set_submodule(path, block)
-    loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
-    state = {}
-    for name, _ in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        if not any(name.startswith(h + ".") for h in holes):
-            canonical = plan.entry(name).name
-            if canonical not in loaded:
-                loaded[canonical] = loader.load(canonical)
-            state[name] = loaded[canonical]
-
-    def to_device(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, compute) if t.is_floating_point() else t.to(device)
-
-    args, kwargs = pytree.tree_map_only(torch.Tensor, to_device, (inputs.args, inputs.kwargs))
-    with torch.no_grad(), export_state():
-        output = torch.func.functional_call(model, state, args, kwargs)
-    return ReferenceRun(_flat_numpy(output), boundaries)
+    reference = StreamedReference(plan, memory)
+    output = reference(inputs.args, inputs.kwargs)
+    return ReferenceRun(_flat_numpy(output), reference.boundaries)
 
 
 # --- ONNX side -----------------------------------------------------------------------------
@@ -278,12 +305,8 @@ def verify_global(
     check model; every segment and call is fed its weights from the shards just before it runs.
     Memory is about one block's weights plus the activations.
     """
-    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
-    if promote:
-        for graph_like in [model.graph, *model.functions.values()]:
-            _promote_graph(graph_like)
-    runner = _StreamedRunner(model, check_models, plan, output_dir, promote)
-    feeds = {v.name: _to_numpy(t) for v, t in zip(model.graph.inputs, inputs.flat_tensors())}
+    runner = onnx_runner(model_bytes, check_models, plan, output_dir, promote)
+    feeds = {name: _to_numpy(t) for name, t in zip(runner.input_names, inputs.flat_tensors())}
     actual = runner.run(feeds)
     if len(actual) != len(reference):
         return [
@@ -296,8 +319,21 @@ def verify_global(
                 False,
             )
         ]
-    names = [v.name for v in model.graph.outputs]
-    return [compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(names, actual, reference)]
+    return [
+        compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(runner.output_names, actual, reference)
+    ]
+
+
+def onnx_runner(
+    model_bytes: bytes, check_models: dict[str, bytes], plan: Plan, output_dir: str, promote: bool
+):
+    """The stitched program in ONNX Runtime, streamed (see `verify_global`): an object with
+    `input_names`, `output_names` and `run(feeds) -> outputs`, reusable across calls."""
+    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
+    if promote:
+        for graph_like in [model.graph, *model.functions.values()]:
+            _promote_graph(graph_like)
+    return _StreamedRunner(model, check_models, plan, output_dir, promote)
 
 
 class _StreamedRunner:
@@ -311,6 +347,8 @@ class _StreamedRunner:
         self.check_models = check_models
         self.sessions: dict[str, object] = {}
         self.functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+        self.input_names = [v.name for v in model.graph.inputs]
+        self.output_names = [v.name for v in model.graph.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         graph = self.model.graph

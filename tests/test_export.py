@@ -208,6 +208,7 @@ def test_corrupted_weight_is_pinned_to_its_block(tmp_path):
     assert any(name.startswith("output:") for name in failed)  # the global check fails too
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "verification_failed"
+    assert not manifest["verification"]["generation"]["passed"]  # greedy decoding notices it too
     assert manifest["verification"]["shard_hash_mismatches"]
 
 

@@ -64,6 +64,10 @@ def test_greedy_tokens_equal_transformers(tmp_path, family):
 
     manifest = shardex.load_manifest(out)
     assert manifest["verification"]["passed"]
+    generation = manifest["verification"]["generation"]  # shardex's own check: same tokens, 8 by default
+    assert (
+        generation["tokens_equal"] and generation["new_tokens"] == 8 and len(generation["torch_tokens"]) == 2
+    )
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     layers = model.config.num_hidden_layers
     assert len(proto.functions) == 1  # the layer function appears once ...

@@ -178,6 +178,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-verify skips it, `shardex verify OUT` runs it later)",
     )
     check.add_argument(
+        "--verify-tokens",
+        type=int,
+        default=8,
+        metavar="N",
+        help="for a generation export, also decode N tokens greedily through the KV cache in PyTorch and "
+        "ONNX Runtime and require the same tokens (default: 8; 0 skips it)",
+    )
+    check.add_argument(
         "--atol",
         type=float,
         help="absolute tolerance, e.g. --atol 1e-3 (default: by compute dtype, 1e-4 for float32)",
@@ -229,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             inline=args.inline,
             verify=args.verify,
+            verify_tokens=args.verify_tokens,
             atol=args.atol,
             rtol=args.rtol,
             address=args.address,

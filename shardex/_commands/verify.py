@@ -39,6 +39,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--rtol", type=float, help="relative tolerance, e.g. --rtol 1e-2 (default: by compute dtype)"
     )
+    parser.add_argument(
+        "--verify-tokens",
+        type=int,
+        metavar="N",
+        help="for a generation export, greedy tokens to decode in both runtimes (default: as at export; 0 skips)",
+    )
     add_ray_flags(parser)
     add_output_flags(
         parser, json_help="print the result (manifest subset) as JSON on stdout instead of a summary"
@@ -50,7 +56,12 @@ def run(args: argparse.Namespace) -> int:
     load_export(args.output)  # a missing or unreadable manifest is bad input, not a failure
     try:
         shardex.verify(
-            args.output, atol=args.atol, rtol=args.rtol, address=args.address, workers=args.workers
+            args.output,
+            atol=args.atol,
+            rtol=args.rtol,
+            verify_tokens=args.verify_tokens,
+            address=args.address,
+            workers=args.workers,
         )
     except shardex.VerificationError as e:
         return finish_with_manifest(args, args.output, heading="verified", failure=e)
