@@ -84,7 +84,9 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
 
 def _hole_schema_name(num_outputs: int) -> str:
     """Register (once) an ONNX schema ``HoleN`` with variadic inputs and N outputs; the torch.onnx
-    builder needs a schema and takes the output count from it."""
+    builder needs a schema and takes the output count from it. Its inference gives each output
+    the element type in the node's ``output_types`` attribute, so optimizers and fusions that
+    re-infer types keep the trunk typed past a hole."""
     name = f"Hole{num_outputs}"
     if not defs.has(name, HOLE_DOMAIN):
         param = defs.OpSchema.FormalParameter
@@ -104,18 +106,26 @@ def _hole_schema_name(num_outputs: int) -> str:
                 "bool",
             )
         ]
-        defs.register_schema(
-            defs.OpSchema(
-                name,
-                HOLE_DOMAIN,
-                1,
-                inputs=[param("inputs", "T", param_option=variadic, is_homogeneous=False)],
-                outputs=[param(f"output_{i}", "T") for i in range(num_outputs)],
-                type_constraints=[("T", all_tensors, "any tensor")],
-                attributes=[defs.OpSchema.Attribute("key", defs.OpSchema.AttrType.STRING, "hole path")],
-            )
+        schema = defs.OpSchema(
+            name,
+            HOLE_DOMAIN,
+            1,
+            inputs=[param("inputs", "T", param_option=variadic, is_homogeneous=False)],
+            outputs=[param(f"output_{i}", "T") for i in range(num_outputs)],
+            type_constraints=[("T", all_tensors, "any tensor")],
+            attributes=[
+                defs.OpSchema.Attribute("key", defs.OpSchema.AttrType.STRING, "hole path"),
+                defs.OpSchema.Attribute("output_types", defs.OpSchema.AttrType.INTS, "output element types"),
+            ],
         )
+        schema.set_type_and_shape_inference_function(_infer_hole_types)
+        defs.register_schema(schema)
     return name
+
+
+def _infer_hole_types(context) -> None:
+    for index, elem_type in enumerate(context.get_attribute("output_types").ints):
+        context.set_output_type(index, onnx.helper.make_tensor_type_proto(elem_type, None))
 
 
 def _translate_hole(inputs, key: str):
@@ -123,7 +133,8 @@ def _translate_hole(inputs, key: str):
 
     _, call, _ = _HOLES[key]
     op = values.Opset(HOLE_DOMAIN, 1)[_hole_schema_name(len(call.outputs))]
-    outputs = op(*inputs, key=key)
+    output_types = [int(TORCH_TO_ONNX[getattr(torch, s.dtype)]) for s in call.outputs]
+    outputs = op(*inputs, key=key, output_types=output_types)
     # A list, even of one: torch.onnx then indexes it directly instead of emitting SequenceAt.
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
@@ -204,7 +215,7 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
     _name_dynamic_axes(onnx_model, example.dynamic_axes)
     weights = _initializers_to_inputs(onnx_model, prefix="")
     _optimize(onnx_model)
-    _type_hole_outputs(onnx_model, plan)  # after the optimizer, which drops types it cannot infer
+    fuse_for_runtime(onnx_model, plan.runtime)
     return CapturedPiece("trunk", _serialize(onnx_model), weights, time.perf_counter() - start)
 
 
@@ -257,6 +268,7 @@ def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
         )
     _reorder_weight_inputs(onnx_model, weights, expected)
     _optimize(onnx_model)
+    fuse_for_runtime(onnx_model, plan.runtime)
     return CapturedPiece(group.function_name, _serialize(onnx_model), expected, time.perf_counter() - start)
 
 
@@ -323,15 +335,6 @@ def _name_outputs(graph: ir.Graph, names: list[str]) -> None:
         value.name = name
 
 
-def _type_hole_outputs(model: ir.Model, plan: Plan) -> None:
-    """Hole nodes come out with symbolic shapes but no element type; the plan knows it."""
-    for node in model.graph:
-        if node.domain == HOLE_DOMAIN:
-            call = plan.group_of(node.attributes["key"].as_string()).call
-            for value, spec in zip(node.outputs, call.outputs):
-                value.type = ir.TensorType(TORCH_TO_ONNX[getattr(torch, spec.dtype)])
-
-
 def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> None:
     """Rename the exporter's symbols (s0, s1) to the user's axis names everywhere they appear,
     inside expressions too; an expression equal to a derived axis (``past_sequence_length +
@@ -391,6 +394,27 @@ def _optimize(model: ir.Model) -> None:
         onnxscript.optimizer.optimize_ir(model)
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
+def fuse_for_runtime(model: ir.Model, runtime: str) -> None:
+    """Rewrite a weightless piece into ONNX Runtime's fused ops for `runtime`'s provider
+    (``onnxruntime``: CPU, ``onnxruntime-cuda``): RMS/layer norms, skip norms, rotary
+    embeddings, attention where it pays, MatMuls with transposed weights. transformers'
+    exporter pipeline (`fuse_for_onnxruntime`: onnxscript's ORT fusions plus its own repairs
+    and per-provider choices) when transformers is installed, else onnxscript's own. A plain
+    ``onnx`` target keeps standard ops only. Pieces are weightless, so this runs once per
+    distinct block, whatever the depth."""
+    if runtime == "onnx":
+        return
+    warnings.filterwarnings("ignore", module="onnxscript")
+    try:
+        from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
+    except ImportError:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+        optimize_for_ort(model)
+        return
+    fuse_for_onnxruntime(model, "cuda" if runtime == "onnxruntime-cuda" else "cpu")
 
 
 def _serialize(model: ir.Model) -> bytes:

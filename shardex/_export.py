@@ -36,7 +36,7 @@ from shardex._measure import ProcessTreeSampler
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
 from shardex._stitch import inline_blocks, stitch
-from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_task
+from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_runtime, check_task
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -75,6 +75,7 @@ def export(
     dynamic_shapes: Any = None,
     dtype: str | torch.dtype | None = None,
     task: str | None = None,
+    runtime: str = "onnxruntime",
     opset: int | None = None,
     block_pattern: str | None = None,
     max_shard_size: int | str = "1GiB",
@@ -104,7 +105,9 @@ def export(
     tuple) to ``{dim: "axis_name"}``. `task` (Optimum's names) chooses what a Hugging Face
     checkpoint's program computes: causal LMs default to ``"text-generation-with-past"`` (one
     decoder step with the KV cache as inputs and outputs), ``"text-generation"`` gives logits
-    without a cache. Work runs on Ray: the cluster at `address` or
+    without a cache. `runtime` chooses the ops: ``"onnxruntime"`` (default) rewrites each
+    distinct piece once into ONNX Runtime's fused ops for its CPU provider,
+    ``"onnxruntime-cuda"`` for its CUDA provider, ``"onnx"`` keeps standard ONNX ops only. Work runs on Ray: the cluster at `address` or
     ``RAY_ADDRESS``, else a local Ray started and stopped here: at most `workers` tasks at once,
     each holding `cpus_per_task` CPUs, spread over the nodes; `runtime_env` goes to Ray for the
     workers of a joined cluster (e.g. ``{"pip": [...]}``). On a cluster every node must see
@@ -121,6 +124,7 @@ def export(
     started = time.perf_counter()
     dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
     _option(check_task, task)
+    _option(check_runtime, runtime)
     shard_bytes = _option(parse_size, max_shard_size)
     _check_run_options(workers, atol, rtol)
     _check_verify_tokens(verify_tokens)
@@ -129,6 +133,7 @@ def export(
     options = {
         "dtype": dtype_name(dtype_) if dtype_ else None,
         "task": task,
+        "runtime": runtime,
         "opset": opset,
         "block_pattern": block_pattern,
         "max_shard_size": shard_bytes,
@@ -163,6 +168,7 @@ def export(
             max_shard_size=shard_bytes,
             opset=opset,
             task=task,
+            runtime=runtime,
             module=source if isinstance(source, nn.Module) else None,
             zero_copy=zero_copy,
         )
@@ -192,7 +198,7 @@ def export(
             inline_blocks(model)
         model_path = _save_model(model, out)
         _save_example_inputs(plan, out)
-        runtime_files = _write_runtime_layout(plan, out)
+        runtime_files = _write_runtime_layout(plan, out, model)
         timings["stitch"] = time.perf_counter() - clock
 
         report = None
@@ -283,6 +289,7 @@ def verify(
         max_shard_size=options["max_shard_size"],
         opset=options["opset"],
         task=task,
+        runtime=options.get("runtime", "onnx"),  # exports from before the option had no fusions
         zero_copy=options.get("zero_copy", False),
     )
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
@@ -617,17 +624,24 @@ def _log_verified(task: _ray.Task, checks) -> None:
         )
 
 
-def _write_runtime_layout(plan: Plan, out: str) -> list[str]:
+def _write_runtime_layout(plan: Plan, out: str, model: ir.Model) -> list[str]:
     """genai_config.json, config, generation config and tokenizer files beside a generation
     export of a checkpoint, so onnxruntime-genai and Optimum open the directory as it is. The
-    cache's sizes come from the plan (what the graph takes), the rest from config.json."""
+    cache's sizes come from the plan (what the graph takes), the rest from config.json; the
+    cache shares one buffer between past and present only where attention is fused into
+    GroupQueryAttention, which writes in place."""
     if plan.task != TEXT_GENERATION_WITH_PAST or plan.source.kind != "hf":
         return []
     inputs = dict(zip(plan.input_names, plan.example.flat_tensors()))
     keys = [t for name, t in inputs.items() if name.startswith("past_key_values.") and name.endswith(".key")]
     with open(os.path.join(plan.source.location, "config.json")) as f:
+        fused = any(
+            node.op_type == "GroupQueryAttention"
+            for graph in [model.graph, *model.functions.values()]
+            for node in ir.traversal.RecursiveGraphIterator(graph)
+        )
         io = RuntimeIO.from_config(
-            json.load(f), fused_attention=False, inputs=tuple(n for n in TOKEN_INPUTS if n in inputs)
+            json.load(f), fused_attention=fused, inputs=tuple(n for n in TOKEN_INPUTS if n in inputs)
         )
     io = dataclasses.replace(
         io, num_layers=len(keys), num_kv_heads=keys[0].shape[1], head_dim=keys[0].shape[3]

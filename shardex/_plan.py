@@ -157,6 +157,7 @@ class Plan:
     source: Source
     model_class: str
     task: str | None  # see _tasks; None: the model's own forward
+    runtime: str  # the runtime the pieces are rewritten for (RUNTIMES)
     dtype: torch.dtype | None  # requested conversion, None keeps the model's dtypes
     example: ExampleInputs
     input_names: list[str]
@@ -194,6 +195,7 @@ class Plan:
             "source": self.source.describe(),
             "model_class": self.model_class,
             "task": self.task,
+            "runtime": self.runtime,
             "inputs": self.input_names,
             "outputs": self.output_names,
             "parameters": sum(math.prod(t.shape) for t in self.tensors if not t.is_buffer),
@@ -246,6 +248,7 @@ def make_plan(
     max_shard_size: int,
     opset: int | None,
     task: str | None = None,
+    runtime: str = "onnxruntime",
     module: nn.Module | None = None,
     zero_copy: bool = False,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
@@ -280,6 +283,7 @@ def make_plan(
         source=source,
         model_class=type(skeleton).__name__,
         task=task,
+        runtime=runtime,
         dtype=dtype,
         example=example,
         input_names=_input_names(skeleton, example),

@@ -34,6 +34,9 @@ from torch.utils import _pytree as pytree
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 TEXT_GENERATION = "text-generation"
 TASKS = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION)
+# What the program is rewritten for: ONNX Runtime's CPU or CUDA provider (its fused ops), or
+# plain ONNX (standard ops only, for any runtime).
+RUNTIMES = ("onnxruntime", "onnxruntime-cuda", "onnx")
 
 # Example sizes of a generation step: a past shorter than the new tokens keeps the two symbols
 # apart (equal example sizes would let torch.export unify them).
@@ -202,6 +205,11 @@ def default_task(config) -> str | None:
 def check_task(task: str | None) -> None:
     if task is not None and task not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}.")
 
 
 def install_task(model: nn.Module, task: str | None) -> None:

@@ -17,7 +17,7 @@ from shardex._commands import (
     finish_with_manifest,
 )
 from shardex._report import REPORT_FILE
-from shardex._tasks import TASKS
+from shardex._tasks import RUNTIMES, TASKS
 
 EXAMPLES = """\
 examples:
@@ -154,6 +154,14 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         "e.g. --dtype bf16 (default: keep the checkpoint's dtype)",
     )
     onnx.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="what the graph is written for: onnxruntime rewrites each distinct block once into ONNX Runtime's "
+        "fused ops for its CPU provider (norms, rotary, attention where it pays), onnxruntime-cuda for its "
+        "CUDA provider, onnx keeps standard ONNX ops only (default: onnxruntime)",
+    )
+    onnx.add_argument(
         "--opset", type=int, help="ONNX opset version, e.g. --opset 21 (default: the exporter's)"
     )
     onnx.add_argument(
@@ -232,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
             dynamic_shapes=dynamic_shapes,
             dtype=args.dtype,
             task=args.task,
+            runtime=args.runtime,
             opset=args.opset,
             block_pattern=args.blocks,
             max_shard_size=args.max_shard_size,
