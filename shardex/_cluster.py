@@ -258,7 +258,6 @@ def write_timeline(records: Sequence[TaskRecord], path: str) -> None:
                 "args": {"node_id": r.node_id, "cpus": r.cpus, "gpus": r.gpus},
             }
         )
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(partial, "w") as f:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-    os.replace(partial, path)
+    from shardex._output import write_atomic  # coordinator-only; _output imports this module
+
+    write_atomic(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

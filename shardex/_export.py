@@ -1,36 +1,32 @@
 """The coordinator: validate, plan, run capture and weights on Ray, stitch, save, verify.
 
-Output directory layout: ``model.onnx``, ``model-0000K-of-0000N.data`` shards and
-``manifest.json``. Shards appear under their final names only when complete; ``model.onnx``
-appears only after every shard is written; ``manifest.json`` is written last and records
-whether verification passed. A directory without a manifest is an unfinished export.
+`export` is the pipeline as a sequence of stages; what the output directory holds and how it
+is written (atomically, journal, manifest) is `_output`'s business.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
-import datetime
-import hashlib
-import json
 import logging
-import math
 import os
 import time
-from importlib import metadata
+from collections.abc import Iterator
 from typing import Any
 
 import onnx_ir as ir
 import torch
 from torch import nn
 
-from shardex import _ray
+from shardex import _output, _ray
 from shardex._capture import capture_block, capture_trunk
 from shardex._capture import warm_up as warm_up_capture
-from shardex._cluster import MARKER_PREFIX, summarize_nodes, write_timeline
+from shardex._cluster import summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, SourceError, VerificationError
 from shardex._measure import ProcessTreeSampler
+from shardex._output import MANIFEST_FILE, MODEL_FILE, TIMELINE_FILE, Journal
 from shardex._plan import Plan, make_plan, parse_size
 from shardex._source import resolve_source
 from shardex._stitch import inline_blocks, stitch
@@ -47,19 +43,9 @@ from shardex._verify import (
     verify_block_group,
     verify_global,
 )
-from shardex._weights import ShardResult, file_sha256, header_sha256, link_shard, write_shard
+from shardex._weights import ShardResult, link_shard, write_shard
 
 logger = logging.getLogger("shardex")
-
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "shardex/1"
-INPUTS_FILE = "inputs.safetensors"
-JOURNAL_FILE = ".journal.json"
-TIMELINE_FILE = "timeline.json"
-REPORT_FILE = "report.html"  # written by the CLI (_report), listed here so overwrite/resume know it
-# Files an export may leave in its directory besides shards (report and timeline: see the CLI, _ray).
-OWN_FILES = {MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, TIMELINE_FILE}
 
 
 def export(
@@ -107,103 +93,117 @@ def export(
     Returns the stitched program; raises `VerificationError` (after writing everything, with
     the numbers in the manifest) when ONNX Runtime disagrees with PyTorch.
     """
+    timings: dict[str, float] = {}
     started = time.perf_counter()
-    dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
-    shard_bytes = _option(parse_size, max_shard_size)
+    options = _export_options(dtype, max_shard_size, opset, block_pattern, inline, verify, atol, rtol)
     _check_run_options(workers, atol, rtol)
     if overwrite and resume:
         raise OptionsError("overwrite and resume contradict each other; pass one of them.")
-    options = {
-        "dtype": dtype_name(dtype_) if dtype_ else None,
-        "opset": opset,
-        "block_pattern": block_pattern,
-        "max_shard_size": shard_bytes,
-        "inline": inline,
-        "verify": verify,
-        "atol": atol,
-        "rtol": rtol,
-        "trust_remote_code": trust_remote_code,
-        "zero_copy": zero_copy,
-    }
-    timings: dict[str, float] = {}
     src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code)
-    out = _prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
+    options |= {"trust_remote_code": trust_remote_code, "zero_copy": zero_copy}
+    out = _output.prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
 
     with (
         _ray.ray_session(address, runtime_env=runtime_env),
         _ray.recording() as records,
         ProcessTreeSampler() as memory_sampler,
     ):
-        # Workers import torch.onnx, onnxscript and transformers (seconds) while we plan.
-        _ray.warm_up(warm_up_capture, src.kind)
-        clock = time.perf_counter()
-        plan, memory = make_plan(
-            src,
-            dtype=dtype_,
-            args=args,
-            kwargs=kwargs,
-            dynamic_shapes=dynamic_shapes,
-            block_pattern=block_pattern,
-            max_shard_size=shard_bytes,
-            opset=opset,
-            module=source if isinstance(source, nn.Module) else None,
-            zero_copy=zero_copy,
-        )
-        timings["plan"] = time.perf_counter() - clock
-        fingerprint = _fingerprint(plan, options)
-        reused = _reusable_shards(out, plan, fingerprint) if resume else {}
-        logger.info(
-            "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
-            len(plan.hole_paths),
-            len(plan.groups),
-            len(plan.tensors),
-            len(plan.shards),
-            timings["plan"],
-        )
-        os.makedirs(out, exist_ok=True)
-        _ray.check_output_visible(out, readable=plan.source.files)
-        journal = _Journal(out, fingerprint, reused)
-        clock = time.perf_counter()
-        trunk, blocks, shard_results = _capture_and_stream(plan, memory, out, workers, journal, cpus_per_task)
-        timings["capture_and_weights"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        model = stitch(plan, trunk, blocks, out)
-        # Verification runs the function form block by block; the flat graph is its inlining.
-        program = ir.serde.deserialize_model(ir.serde.serialize_model(model)) if inline and verify else model
-        if inline:
-            inline_blocks(model)
-        model_path = _save_model(model, out)
-        _save_example_inputs(plan, out)
-        timings["stitch"] = time.perf_counter() - clock
-
+        _ray.warm_up(warm_up_capture, src.kind)  # workers import torch.onnx etc. while we plan
+        with _stage(timings, "plan"):
+            plan, memory = make_plan(
+                src,
+                dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
+                args=args,
+                kwargs=kwargs,
+                dynamic_shapes=dynamic_shapes,
+                block_pattern=block_pattern,
+                max_shard_size=options["max_shard_size"],
+                opset=opset,
+                module=source if isinstance(source, nn.Module) else None,
+                zero_copy=zero_copy,
+            )
+        _log_plan(plan, timings["plan"])
+        journal = _start_journal(out, plan, options, resume)
+        with _stage(timings, "capture_and_weights"):
+            trunk, blocks, shards = _capture_and_stream(plan, memory, out, workers, journal, cpus_per_task)
+        with _stage(timings, "stitch"):
+            model = stitch(plan, trunk, blocks, out)
+            # Block checks need the function form; the flat graph is verified as saved.
+            program = (
+                ir.serde.deserialize_model(ir.serde.serialize_model(model)) if inline and verify else model
+            )
+            if inline:
+                inline_blocks(model)
+            _output.save_model(model, out)
+            _output.save_example_inputs(plan.example, out)
         report = None
         if verify:
-            clock = time.perf_counter()
-            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
-            timings["verify"] = time.perf_counter() - clock
+            with _stage(timings, "verify"):
+                report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
 
     timings["total"] = time.perf_counter() - started
     write_timeline(records, os.path.join(out, TIMELINE_FILE))
-    _write_manifest(
+    _output.write_manifest(
         out,
-        plan,
-        shard_results,
-        model_path,
-        timings,
-        report,
-        options,
-        trunk,
-        blocks,
-        memory_sampler.peak,
-        journal,
-        summarize_nodes(records),
+        plan=plan,
+        shards=shards,
+        options=options,
+        journal=journal,
+        report=report,
+        timings=timings,
+        capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
+        peak_memory=memory_sampler.peak,
+        placement=summarize_nodes(records),
     )
     journal.close()
     logger.info("exported to %s in %.1fs", out, timings["total"])
     if report is not None and not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return torch.onnx.ONNXProgram(model, None)
+
+
+@contextlib.contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Time one stage into `timings[name]`."""
+    clock = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - clock
+
+
+def _start_journal(out: str, plan: Plan, options: dict, resume: bool) -> Journal:
+    """After planning, before any byte is written: the export's fingerprint, the shards a
+    resumed export keeps, the check that every node sees `out`, then the journal."""
+    fingerprint = _output.fingerprint(plan, options)
+    reused = _output.reusable_shards(out, plan, fingerprint) if resume else {}
+    os.makedirs(out, exist_ok=True)
+    _ray.check_output_visible(out, readable=plan.source.files)
+    return Journal(out, fingerprint, reused)
+
+
+def _export_options(dtype, max_shard_size, opset, block_pattern, inline, verify, atol, rtol) -> dict:
+    """The options as the manifest records them (parsed and checked)."""
+    dtype_ = _option(parse_dtype, dtype) if dtype is not None else None
+    return {
+        "dtype": dtype_name(dtype_) if dtype_ else None,
+        "opset": opset,
+        "block_pattern": block_pattern,
+        "max_shard_size": _option(parse_size, max_shard_size),
+        "inline": inline,
+        "verify": verify,
+        "atol": atol,
+        "rtol": rtol,
+    }
+
+
+def _log_plan(plan: Plan, seconds: float) -> None:
+    logger.info(
+        "planned %d blocks in %d distinct group(s), %d tensors in %d shard(s) (%.1fs)",
+        len(plan.hole_paths),
+        len(plan.groups),
+        len(plan.tensors),
+        len(plan.shards),
+        seconds,
+    )
 
 
 def verify(
@@ -225,7 +225,7 @@ def verify(
     """
     _check_run_options(workers, atol, rtol)
     out = os.path.abspath(os.fspath(output_dir))
-    manifest = load_manifest(out)
+    manifest = _output.load_manifest(out)
     described = manifest["source"]
     if described["kind"] == "module":
         raise OptionsError(
@@ -237,7 +237,7 @@ def verify(
         trust_remote_code=manifest["options"].get("trust_remote_code", False),
     )
     if args is None and kwargs is None:
-        args, kwargs, dynamic_shapes = _load_example_inputs(out, manifest)
+        args, kwargs, dynamic_shapes = _output.load_example_inputs(out, manifest)
     else:
         dynamic_shapes = None
     options = manifest["options"]
@@ -272,20 +272,15 @@ def verify(
             program = ir.load(os.path.join(out, MODEL_FILE))
         report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
     report.shard_hash_mismatches = [
-        s["file"] for s in manifest["shards"] if _shard_hash(out, s) != s["sha256"]
+        s["file"] for s in manifest["shards"] if _output.shard_sha256(out, s) != s["sha256"]
     ]
     report.seconds = time.perf_counter() - clock
     manifest["verification"] = report.to_json()
     manifest["status"] = "complete" if report.passed else "verification_failed"
-    _write_json_atomic(out, MANIFEST_FILE, manifest)
+    _output.write_json_atomic(os.path.join(out, MANIFEST_FILE), manifest)
     if not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return report
-
-
-def _shard_hash(out: str, shard: dict) -> str:
-    path = os.path.join(out, shard["file"])
-    return header_sha256(path) if shard.get("hashed") == "header" else file_sha256(path)
 
 
 def _check_run_options(workers: int | None, atol: float | None, rtol: float | None) -> None:
@@ -303,51 +298,12 @@ def _option(parse, value):
         raise OptionsError(str(e)) from None
 
 
-def _prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
-    """Check `path` can take this export (the journal creates it after planning). With
-    `overwrite`, clear a previous shardex export; with `resume`, keep it for `_reusable_shards`.
-    A directory holding anything else is refused: shardex never deletes files it did not write."""
-    out = os.path.abspath(path)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise OptionsError(f"output {out} exists and is not a directory; choose a directory path.")
-    existing = os.listdir(out) if os.path.isdir(out) else []
-    if not existing:
-        return out
-    if not overwrite and not resume:
-        raise OptionsError(
-            f"output directory {out} is not empty; choose an empty one, or pass overwrite=True "
-            "(--overwrite) to replace a previous export or resume=True (--resume) to finish it."
-        )
-    # A probe marker is left only by a coordinator killed during the storage check.
-    foreign = [
-        n
-        for n in existing
-        if n not in OWN_FILES and not _is_shard_file(n) and not n.startswith(MARKER_PREFIX)
-    ]
-    if foreign:
-        raise OptionsError(
-            f"output directory {out} holds files shardex did not write (e.g. {foreign[0]}); "
-            "shardex only replaces or resumes its own exports. Choose another directory."
-        )
-    if overwrite:
-        for name in existing:
-            os.remove(os.path.join(out, name))
-    return out
-
-
-def _is_shard_file(name: str) -> bool:
-    bare = name.removeprefix(".").removesuffix(".partial")
-    return (bare.startswith("model-") and bare.endswith((".data", ".safetensors"))) or (
-        name.startswith(".") and name.endswith(".partial")
-    )
-
-
 def _capture_and_stream(
     plan: Plan,
     memory,
     out: str,
     workers: int | None,
-    journal: _Journal | None = None,
+    journal: Journal | None = None,
     cpus_per_task: float = 1,
 ):
     """Capture pieces and file-sourced shards on Ray; memory-held shards and zero-copy links in
@@ -394,72 +350,6 @@ def _capture_and_stream(
     return trunk, blocks, [shard_results[s.file] for s in plan.shards]
 
 
-class _Journal:
-    """The shards finished so far, persisted after each one so a killed export can resume.
-    Removed once the manifest (which holds the same results) is written."""
-
-    def __init__(self, out: str, fingerprint: str, reused: dict[str, ShardResult]) -> None:
-        self.out = out
-        self.fingerprint = fingerprint
-        self.results = dict(reused)
-        os.makedirs(out, exist_ok=True)
-        self.reused = set(reused)
-        self._write()
-        if reused:
-            logger.info(
-                "resume: keeping %d shard(s) already written (%s)", len(reused), ", ".join(sorted(reused))
-            )
-
-    def record(self, result: ShardResult) -> None:
-        self.results[result.file] = result
-        self._write()
-
-    @property
-    def bytes_written(self) -> int:
-        return sum(r.nbytes for f, r in self.results.items() if f not in self.reused and r.hashed == "file")
-
-    def _write(self) -> None:
-        shards = [dataclasses.asdict(r) for r in self.results.values()]
-        _write_json_atomic(self.out, JOURNAL_FILE, {"fingerprint": self.fingerprint, "shards": shards})
-
-    def close(self) -> None:
-        os.remove(os.path.join(self.out, JOURNAL_FILE))
-
-
-def _fingerprint(plan: Plan, options: dict) -> str:
-    """Identity of an export's inputs: source (with header hashes), plan, options that change
-    the bytes. Equal fingerprints produce byte-identical shards and model."""
-    relevant = {k: v for k, v in options.items() if k not in ("verify", "atol", "rtol")}
-    identity = {"plan": plan.to_json(), "source": _source_hashes(plan), "options": relevant}
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _reusable_shards(out: str, plan: Plan, fingerprint: str) -> dict[str, ShardResult]:
-    """Shards of an earlier run of the same export whose files still hash as recorded."""
-    previous = None
-    for name in (JOURNAL_FILE, MANIFEST_FILE):
-        path = os.path.join(out, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                previous = json.load(f)
-            break
-    if previous is None:
-        return {}
-    if previous.get("fingerprint") != fingerprint:
-        raise OptionsError(
-            f"output directory {out} holds an export of another model or with other options; "
-            "resume refuses to mix them. Choose another directory or pass overwrite=True (--overwrite)."
-        )
-    planned = {s.file for s in plan.shards}
-    reused = {}
-    for record in previous.get("shards", []):
-        result = ShardResult(**record)
-        path = os.path.join(out, result.file)
-        if result.file in planned and os.path.isfile(path) and _shard_hash(out, record) == result.sha256:
-            reused[result.file] = result
-    return reused
-
-
 class _Progress:
     """Logs captures and bytes streamed as work finishes."""
 
@@ -483,14 +373,6 @@ class _Progress:
             logger.info(
                 "capture: %s done in %.1fs (%d/%d)", result.name, result.seconds, self.captured, self.pieces
             )
-
-
-def _save_model(model: ir.Model, out: str) -> str:
-    path = os.path.join(out, MODEL_FILE)
-    partial = os.path.join(out, f".{MODEL_FILE}.partial")
-    ir.save(model, partial)
-    os.replace(partial, path)
-    return path
 
 
 def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1) -> VerificationReport:
@@ -555,129 +437,3 @@ def _log_verified(task: _ray.Task, checks: list) -> None:
             worst.name,
             worst.max_abs_diff,
         )
-
-
-def _save_example_inputs(plan: Plan, out: str) -> None:
-    """Keep the example inputs beside the model so `verify` can rerun without the caller's code."""
-    from safetensors.torch import save_file
-
-    example = plan.example
-    if not all(isinstance(a, torch.Tensor) for a in [*example.args, *example.kwargs.values()]):
-        return  # nested inputs: verify needs them passed again
-    tensors = {f"args.{i}": a for i, a in enumerate(example.args)}
-    tensors |= {f"kwargs.{k}": v for k, v in example.kwargs.items()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, INPUTS_FILE))
-
-
-def _load_example_inputs(out: str, manifest: dict):
-    from safetensors.torch import load_file
-
-    path = os.path.join(out, INPUTS_FILE)
-    if not os.path.isfile(path):
-        raise OptionsError(
-            f"{out} has no {INPUTS_FILE} (its inputs were nested); pass args=/kwargs= to verify."
-        )
-    tensors = load_file(path)
-    args = tuple(tensors[f"args.{i}"] for i in range(sum(k.startswith("args.") for k in tensors)))
-    names = [k.removeprefix("kwargs.") for k in tensors if k.startswith("kwargs.")]
-    kwargs = {n: tensors[f"kwargs.{n}"] for n in names}
-    axes = [
-        {int(d): a for d, a in axis.items()} for axis in manifest["plan"]["example_inputs"]["dynamic_axes"]
-    ]
-    dynamic = tuple(axes[: len(args)]) if args else dict(zip(names, axes[len(args) :]))
-    return args, kwargs, dynamic
-
-
-def _versions() -> dict[str, str]:
-    names = [
-        "shardex",
-        "torch",
-        "onnx",
-        "onnx-ir",
-        "onnxscript",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "ray",
-        "transformers",
-        "safetensors",
-    ]
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _source_hashes(plan: Plan) -> list[dict]:
-    """Cheap identity of the source: size and header hash of each file (data is not re-read)."""
-    files = list(plan.source.files)
-    config = os.path.join(plan.source.location, "config.json") if plan.source.kind == "hf" else None
-    if config:
-        files.insert(0, config)
-    return [{"path": p, "bytes": os.path.getsize(p), "header_sha256": header_sha256(p)} for p in files]
-
-
-def _write_manifest(
-    out,
-    plan,
-    shards: list[ShardResult],
-    model_path,
-    timings,
-    report,
-    options,
-    trunk,
-    blocks,
-    peak_memory,
-    journal,
-    placement,
-) -> None:
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "fingerprint": journal.fingerprint,
-        "status": "complete" if report is None or report.passed else "verification_failed",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "source": plan.source.describe() | {"hashes": _source_hashes(plan)},
-        "options": options,
-        "model_class": plan.model_class,
-        "parameters": sum(math.prod(t.shape) for t in plan.tensors if not t.is_buffer),
-        "model": {
-            "file": MODEL_FILE,
-            "bytes": os.path.getsize(model_path),
-            "sha256": file_sha256(model_path),
-        },
-        "shards": [
-            dataclasses.asdict(s) | {"tensors": len(spec.tensors)} for s, spec in zip(shards, plan.shards)
-        ],
-        "plan": plan.to_json(),
-        "capture_seconds": {trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
-        "timings": timings,
-        "peak_memory": dataclasses.asdict(peak_memory),
-        "bytes_written": journal.bytes_written,
-        "reused_shards": sorted(journal.reused),
-        "placement": placement,
-        "verification": report.to_json() if report is not None else None,
-    }
-    _write_json_atomic(out, MANIFEST_FILE, manifest)
-
-
-def _write_json_atomic(out: str, name: str, data: dict) -> None:
-    partial = os.path.join(out, f".{name}.partial")
-    with open(partial, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(partial, os.path.join(out, name))
-
-
-def load_manifest(output_dir: str | os.PathLike) -> dict:
-    """The manifest of a finished export. A missing or unreadable one raises `OptionsError`:
-    the directory given is not (or no longer) a finished shardex export."""
-    path = os.path.join(os.fspath(output_dir), MANIFEST_FILE)
-    if not os.path.isfile(path):
-        raise OptionsError(f"{output_dir} has no {MANIFEST_FILE}: it is not a finished shardex export.")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise OptionsError(f"{path} is unreadable ({e}); export the model again with overwrite=True.") from e

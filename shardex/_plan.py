@@ -23,7 +23,7 @@ from torch.utils import _pytree as pytree
 
 from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
-from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint
+from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint, named_tensors
 
 logger = logging.getLogger("shardex")
 
@@ -257,10 +257,7 @@ def make_plan(
 def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
     """id(tensor) -> every name it has (tied weights have several), in registration order."""
     names: dict[int, list[str]] = {}
-    for name, tensor in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
+    for name, tensor in named_tensors(model, remove_duplicate=False):
         names.setdefault(id(tensor), []).append(name)
     return names
 
@@ -369,20 +366,11 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
 def _memory_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors with real values in `model`: the skeleton's buffers (non-persistent ones are in
     no checkpoint), or every tensor of a real in-memory model."""
-    return {
-        name: t
-        for name, t in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-        if t.device.type != "meta"
-    }
+    return {name: t for name, t in named_tensors(model, remove_duplicate=False) if t.device.type != "meta"}
 
 
 def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorEntry]:
-    by_name = dict(
-        [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
-    )
+    by_name = dict(named_tensors(skeleton, remove_duplicate=False))
     result = []
     missing = []
     for aliases in names.values():
@@ -566,7 +554,7 @@ def _fingerprint(block: nn.Module) -> tuple:
             )
         )
         parts.append((name, type(module).__qualname__, attrs))
-    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+    for name, t in named_tensors(block):
         parts.append((name, tuple(t.shape), str(t.dtype)))
     return tuple(parts)
 
@@ -594,7 +582,7 @@ def _group_blocks(
                 class_name=class_name,
                 members=[],
                 call=call,
-                weight_names=[n for n, _ in [*block.named_parameters(), *block.named_buffers()]],
+                weight_names=[n for n, _ in named_tensors(block)],
             )
         groups[key].members.append(path)
     return list(groups.values())

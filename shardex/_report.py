@@ -12,7 +12,7 @@ import html
 import math
 import os
 
-from shardex._export import MODEL_FILE, REPORT_FILE, load_manifest
+from shardex._output import MODEL_FILE, REPORT_FILE, load_manifest, write_atomic
 
 STAGES = [
     ("plan", "plan"),
@@ -143,10 +143,7 @@ def write_report(output_dir: str | os.PathLike) -> str:
     out = os.path.abspath(os.fspath(output_dir))
     manifest = load_manifest(out)
     path = os.path.join(out, REPORT_FILE)
-    partial = os.path.join(out, f".{REPORT_FILE}.partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(_render_html(manifest))
-    os.replace(partial, path)
+    write_atomic(path, _render_html(manifest))
     return path
 
 

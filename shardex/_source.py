@@ -226,6 +226,15 @@ def params_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def named_tensors(module: nn.Module, *, remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """`module`'s parameters, then its buffers, with their names: every tensor a checkpoint,
+    a plan or a capture knows it by (tied tensors once, or under each name)."""
+    return [
+        *module.named_parameters(remove_duplicate=remove_duplicate),
+        *module.named_buffers(remove_duplicate=remove_duplicate),
+    ]
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose parameters are on meta (its buffers are copied, they are small)."""
     memo = {

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, TORCH_TO_SAFETENSORS, dtype_name
+from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, TORCH_TO_SAFETENSORS, dtype_name, numpy_dtype
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import TensorLocation, build_skeleton, read_tensor
+from shardex._source import TensorLocation, build_skeleton, named_tensors, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
 
 logger = logging.getLogger("shardex")
@@ -170,10 +170,7 @@ def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleIn
             )
     loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
     state = {}
-    for name, _ in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
+    for name, _ in named_tensors(model, remove_duplicate=False):
         if not any(name.startswith(h + ".") for h in holes):
             canonical = plan.entry(name).name
             if canonical not in loaded:
@@ -322,7 +319,7 @@ class _StreamedRunner:
         sess = self.sessions[node.op_type]
         values = [env[v.name] if v.name in env else self._weight(v.name) for v in node.inputs]
         feeds = {
-            meta.name: value.astype(_ort_numpy_dtype(meta.type), copy=False)
+            meta.name: value.astype(numpy_dtype(meta.type), copy=False)
             for meta, value in zip(sess.get_inputs(), values)
         }
         for value, result in zip(node.outputs, sess.run(None, feeds)):
@@ -425,7 +422,7 @@ def verify_block_group(
         weights = [_read_shard_tensor(plan, output_dir, f"{path}.{n}") for n in group.weight_names]
         feeds = {}
         for meta, value in zip(input_meta, [*data, *weights]):
-            feeds[meta.name] = value.astype(_ort_numpy_dtype(meta.type), copy=False)
+            feeds[meta.name] = value.astype(numpy_dtype(meta.type), copy=False)
         actual = sess.run(None, feeds)
         checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
         worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
@@ -446,20 +443,6 @@ def _read_shard_tensor(plan: Plan, output_dir: str, name: str) -> np.ndarray:
     )
     tensor = read_tensor(location)
     return _to_numpy(tensor.float() if dtype in LOW_PRECISION else tensor)
-
-
-def _ort_numpy_dtype(ort_type: str) -> np.dtype:
-    names = {
-        "tensor(float)": np.float32,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(bool)": np.bool_,
-        "tensor(float16)": np.float16,
-        "tensor(int8)": np.int8,
-        "tensor(uint8)": np.uint8,
-    }
-    return np.dtype(names.get(ort_type, np.float32))
 
 
 def format_failure(report: VerificationReport) -> str:

@@ -13,14 +13,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from shardex._commands import EXIT_CODES_HELP, EXIT_OK, UsageError, add_output_flags, load_export, print_json
+from shardex._dtypes import onnx_type_name
 from shardex._report import SOURCE_KINDS, human_bytes, worst_output_diff
 
 EXAMPLES = """\
 examples:
   shardex inspect out/llama
   shardex inspect out/llama --json | jq '.functions[].calls'"""
-
-ONNX_TYPE_NAMES = {"FLOAT": "float32", "DOUBLE": "float64"}  # else the ONNX name, lower case
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -110,9 +109,8 @@ def _type_text(type_proto: onnx.TypeProto) -> str:
     if not type_proto.HasField("tensor_type"):
         return "?"
     tensor = type_proto.tensor_type
-    name = onnx.TensorProto.DataType.Name(tensor.elem_type)
     dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
-    return f"{ONNX_TYPE_NAMES.get(name, name.lower())}[{', '.join(dims)}]"
+    return f"{onnx_type_name(tensor.elem_type)}[{', '.join(dims)}]"
 
 
 def _function(function: onnx.FunctionProto, graph: onnx.GraphProto, group: dict | None) -> dict:
