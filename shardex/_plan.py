@@ -23,7 +23,14 @@ from torch.utils import _pytree as pytree
 
 from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
-from shardex._source import Source, TensorLocation, build_skeleton, index_checkpoint, named_tensors
+from shardex._source import (
+    Source,
+    TensorLocation,
+    build_skeleton,
+    check_stored_dtype,
+    index_checkpoint,
+    named_tensors,
+)
 
 logger = logging.getLogger("shardex")
 
@@ -232,6 +239,7 @@ def make_plan(
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
+    _check_all_used(checkpoint, tensors, skeleton)
     skeleton.to("meta")
     calls, output_names = record_calls(skeleton, hole_paths, example)
     groups = _group_blocks(skeleton, hole_paths, calls)
@@ -386,6 +394,7 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
                     f"model built from {source.location} expects {list(tensor.shape)}; the "
                     "checkpoint does not match its config/factory."
                 )
+            check_stored_dtype(aliases[0], found, tensor.dtype)
         elif aliases[0] in memory:
             location = None
             if not _is_non_persistent(skeleton, aliases[0]):
@@ -413,6 +422,31 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
             "checkpoint does not match the model."
         )
     return result
+
+
+def _check_all_used(
+    checkpoint: dict[str, TensorLocation], tensors: list[TensorEntry], model: nn.Module
+) -> None:
+    """Every checkpoint tensor fills a model tensor: one that fills none means the checkpoint is
+    not this model's. Ignored, as transformers ignores them: the model class's
+    ``_keys_to_ignore_on_load_unexpected`` and stale copies of non-persistent buffers."""
+    used = {alias for t in tensors if t.source is not None for alias in t.aliases}
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    buffers = {
+        name.rpartition(".")[2] for name, _ in model.named_buffers() if _is_non_persistent(model, name)
+    }
+    extra = [
+        name
+        for name in checkpoint
+        if name not in used
+        and name.rpartition(".")[2] not in buffers
+        and not any(p.search(name) for p in patterns)
+    ]
+    if extra:
+        raise SourceError(
+            f"{len(extra)} tensor(s) in the checkpoint are not in the model, e.g. {extra[0]!r} in "
+            f"{checkpoint[extra[0]].file}; the checkpoint does not match its config/factory."
+        )
 
 
 def _is_non_persistent(model: nn.Module, name: str) -> bool:
