@@ -24,8 +24,21 @@ def export_in_subprocess(checkpoint, out) -> dict:
 
 def make_checkpoint(directory, layers: int) -> None:
     subprocess.run(
-        [sys.executable, "scripts/make_checkpoint.py", str(directory), "--hidden", "1024", "--intermediate", "4096",
-         "--heads", "16", "--layers", str(layers), "--vocab", "8192"],
+        [
+            sys.executable,
+            "scripts/make_checkpoint.py",
+            str(directory),
+            "--hidden",
+            "1024",
+            "--intermediate",
+            "4096",
+            "--heads",
+            "16",
+            "--layers",
+            str(layers),
+            "--vocab",
+            "8192",
+        ],
         check=True,
     )
 
