@@ -166,7 +166,10 @@ def _storage_problem(directory: str, marker: str, readable: Sequence[str]) -> st
     except OSError as e:
         return f"output directory {directory} is not writable ({e.strerror})"
     for path in readable:
-        if not os.access(path, os.R_OK):
+        try:
+            with open(path, "rb"):  # opening, not os.access: root-squashed NFS answers access() wrongly
+                pass
+        except OSError:
             return f"source file {path} is not readable"
     return None
 
