@@ -24,11 +24,11 @@ from shardex._capture import capture_block, capture_trunk
 from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
-from shardex._errors import OptionsError, SourceError, VerificationError
+from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
 from shardex._measure import ProcessTreeSampler
 from shardex._output import MANIFEST_FILE, MODEL_FILE, TIMELINE_FILE, Journal
 from shardex._plan import Plan, make_plan, parse_size
-from shardex._source import resolve_source
+from shardex._source import Source, resolve_source
 from shardex._stitch import inline_blocks, stitch
 from shardex._verify import (
     VerificationReport,
@@ -101,62 +101,62 @@ def export(
         raise OptionsError("overwrite and resume contradict each other; pass one of them.")
     src = resolve_source(source, weights=weights, trust_remote_code=trust_remote_code)
     options |= {"trust_remote_code": trust_remote_code, "zero_copy": zero_copy}
-    out = _output.prepare_output_dir(os.fspath(output_dir), overwrite=overwrite, resume=resume)
-
-    with (
-        _ray.ray_session(address, runtime_env=runtime_env),
-        _ray.recording() as records,
-        ProcessTreeSampler() as memory_sampler,
-    ):
-        _ray.warm_up(warm_up_capture, src.kind)  # workers import torch.onnx etc. while we plan
-        with _stage(timings, "plan"):
-            plan, memory = make_plan(
-                src,
-                dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
-                args=args,
-                kwargs=kwargs,
-                dynamic_shapes=dynamic_shapes,
-                block_pattern=block_pattern,
-                max_shard_size=options["max_shard_size"],
-                opset=opset,
-                module=source if isinstance(source, nn.Module) else None,
-                zero_copy=zero_copy,
-            )
-        _log_plan(plan, timings["plan"])
-        journal = _start_journal(out, plan, options, resume)
-        with _stage(timings, "capture_and_weights"):
-            trunk, blocks, shards = _capture_and_stream(plan, memory, out, workers, journal, cpus_per_task)
-        with _stage(timings, "stitch"):
-            model = stitch(plan, trunk, blocks, out)
-            # Block checks need the function form; the flat graph is verified as saved.
-            program = (
-                ir.serde.deserialize_model(ir.serde.serialize_model(model)) if inline and verify else model
-            )
-            if inline:
-                inline_blocks(model)
-            _output.save_model(model, out)
-            _output.save_example_inputs(plan.example, out)
-        report = None
-        if verify:
-            with _stage(timings, "verify"):
-                report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
-
-    timings["total"] = time.perf_counter() - started
-    write_timeline(records, os.path.join(out, TIMELINE_FILE))
-    _output.write_manifest(
-        out,
-        plan=plan,
-        shards=shards,
-        options=options,
-        journal=journal,
-        report=report,
-        timings=timings,
-        capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
-        peak_memory=memory_sampler.peak,
-        placement=summarize_nodes(records),
+    checkpoint_dir = src.location if src.kind == "hf" else None
+    target = _output.prepare_output_dir(
+        os.fspath(output_dir), overwrite=overwrite, resume=resume, source_dir=checkpoint_dir
     )
-    journal.close()
-    logger.info("exported to %s in %.1fs", out, timings["total"])
+    with target.staged():  # swapped in when complete; a failed export leaves a previous one as it was
+        out = target.work
+
+        with (
+            _ray.ray_session(address, runtime_env=runtime_env),
+            _ray.recording() as records,
+            ProcessTreeSampler() as memory_sampler,
+        ):
+            _ray.warm_up(warm_up_capture, src.kind)  # workers import torch.onnx etc. while we plan
+            with _stage(timings, "plan"):
+                module = source if isinstance(source, nn.Module) else None
+                plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes, module)
+            _log_plan(plan, timings["plan"])
+            journal = _start_journal(out, plan, options, resume)
+            with _stage(timings, "capture_and_weights"):
+                trunk, blocks, shards = _capture_and_stream(
+                    plan, memory, out, workers, journal, cpus_per_task
+                )
+            with _stage(timings, "stitch"):
+                model = stitch(plan, trunk, blocks, out)
+                # Block checks need the function form; the flat graph is verified as saved.
+                program = (
+                    ir.serde.deserialize_model(ir.serde.serialize_model(model))
+                    if inline and verify
+                    else model
+                )
+                if inline:
+                    inline_blocks(model)
+                _output.save_model(model, out)
+                _output.save_example_inputs(plan.example, out)
+            report = None
+            if verify:
+                with _stage(timings, "verify"):
+                    report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task)
+
+        timings["total"] = time.perf_counter() - started
+        write_timeline(records, os.path.join(out, TIMELINE_FILE))
+        _output.write_manifest(
+            out,
+            plan=plan,
+            shards=shards,
+            options=options,
+            journal=journal,
+            report=report,
+            timings=timings,
+            capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
+            peak_memory=memory_sampler.peak,
+            placement=summarize_nodes(records),
+        )
+        journal.close()
+    ir.external_data.set_base_dir(model.graph, target.final)
+    logger.info("exported to %s in %.1fs", target.final, timings["total"])
     if report is not None and not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return torch.onnx.ONNXProgram(model, None)
@@ -172,10 +172,14 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
 
 def _start_journal(out: str, plan: Plan, options: dict, resume: bool) -> Journal:
     """After planning, before any byte is written: the export's fingerprint, the shards a
-    resumed export keeps, the check that every node sees `out`, then the journal."""
+    resumed export keeps, room for the rest, the check that every node sees `out`, then the
+    journal."""
     fingerprint = _output.fingerprint(plan, options)
     reused = _output.reusable_shards(out, plan, fingerprint) if resume else {}
     os.makedirs(out, exist_ok=True)
+    _output.check_free_space(
+        out, sum(s.size for s in plan.shards if s.file not in reused and not s.link_target)
+    )
     _ray.check_output_visible(out, readable=plan.source.files)
     return Journal(out, fingerprint, reused)
 
@@ -193,6 +197,24 @@ def _export_options(dtype, max_shard_size, opset, block_pattern, inline, verify,
         "atol": atol,
         "rtol": rtol,
     }
+
+
+def plan_export(
+    src: Source, options: dict, args, kwargs, dynamic_shapes, module: nn.Module | None = None
+) -> tuple[Plan, dict[str, torch.Tensor]]:
+    """Plan `src` with an export's options (as the manifest records them)."""
+    return make_plan(
+        src,
+        dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
+        args=args,
+        kwargs=kwargs,
+        dynamic_shapes=dynamic_shapes,
+        block_pattern=options["block_pattern"],
+        max_shard_size=options["max_shard_size"],
+        opset=options["opset"],
+        module=module,
+        zero_copy=options.get("zero_copy", False),
+    )
 
 
 def _log_plan(plan: Plan, seconds: float) -> None:
@@ -217,53 +239,48 @@ def verify(
     workers: int | None = None,
     cpus_per_task: float = 1,
     runtime_env: dict | None = None,
+    factory: str | None = None,
+    trust_remote_code: bool = False,
 ) -> VerificationReport:
-    """Re-verify a finished export against its source: shard hashes, then ONNX Runtime vs
-    PyTorch globally and per block. Updates the manifest; raises `VerificationError` on failure.
+    """Re-verify a finished export against its source: ``model.onnx``'s sha256, ONNX Runtime on
+    the saved files vs PyTorch globally and per block, the shards' sha256. Updates the manifest;
+    raises `VerificationError` on failure.
 
+    The manifest is data, never a reason to run code: a factory export is verified only with
+    `factory` (the ``"package.module:function"`` to import) given here, and a checkpoint's own
+    code runs only with `trust_remote_code` given here, whatever the manifest says.
     Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given.
     """
     _check_run_options(workers, atol, rtol)
     out = os.path.abspath(os.fspath(output_dir))
     manifest = _output.load_manifest(out)
-    described = manifest["source"]
-    if described["kind"] == "module":
-        raise OptionsError(
-            f"{out} was exported from an in-memory module; it can only be verified by export(verify=True)."
-        )
+    if _output.model_sha256(out) != manifest["model"]["sha256"]:
+        report = VerificationReport(f"not run: {MODEL_FILE} changed", "", [], [], [], 0.0, [MODEL_FILE])
+        _record_verification(out, manifest, report)
+        raise VerificationError(format_failure(report), failures=[])
     src = resolve_source(
-        described["location"],
-        weights=described["files"] if described["kind"] == "factory" else None,
-        trust_remote_code=manifest["options"].get("trust_remote_code", False),
+        _trusted_location(out, manifest, factory, trust_remote_code),
+        weights=manifest["source"]["files"] if factory else None,
+        trust_remote_code=trust_remote_code,
     )
     if args is None and kwargs is None:
         args, kwargs, dynamic_shapes = _output.load_example_inputs(out, manifest)
     else:
         dynamic_shapes = None
     options = manifest["options"]
-    plan, memory = make_plan(
-        src,
-        dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
-        args=args,
-        kwargs=kwargs,
-        dynamic_shapes=dynamic_shapes,
-        block_pattern=options["block_pattern"],
-        max_shard_size=options["max_shard_size"],
-        opset=options["opset"],
-        zero_copy=options.get("zero_copy", False),
-    )
+    plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes)
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
     if [(s.file, s.size) for s in plan.shards] != expected:
         raise SourceError(
-            f"the source {described['location']} no longer plans to the shards recorded in {out}; "
+            f"the source {src.location} no longer plans to the shards recorded in {out}; "
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
     with _ray.ray_session(address, runtime_env=runtime_env):
         _ray.check_output_visible(out, readable=plan.source.files)
         if options["inline"]:
-            # The flat graph has no block calls to stream by: rebuild its function form (cheap,
-            # weightless captures) and verify that, as export(inline=True) does.
+            # Block checks call the block functions, which the flat graph no longer has: rebuild
+            # them (cheap, weightless captures). The global check runs the flat graph as saved.
             trunk, blocks, _ = _capture_and_stream(
                 dataclasses.replace(plan, shards=[]), memory, out, workers, cpus_per_task=cpus_per_task
             )
@@ -275,12 +292,43 @@ def verify(
         s["file"] for s in manifest["shards"] if _output.shard_sha256(out, s) != s["sha256"]
     ]
     report.seconds = time.perf_counter() - clock
-    manifest["verification"] = report.to_json()
-    manifest["status"] = "complete" if report.passed else "verification_failed"
-    _output.write_json_atomic(os.path.join(out, MANIFEST_FILE), manifest)
+    _record_verification(out, manifest, report)
     if not report.passed:
         raise VerificationError(format_failure(report), failures=report.failures)
     return report
+
+
+def _trusted_location(out: str, manifest: dict, factory: str | None, trust_remote_code: bool) -> str:
+    """The source to verify against, from the manifest, except that code to import (a factory)
+    must come from the caller; a manifest's wish for remote code is logged, not obeyed."""
+    described = manifest["source"]
+    kind, location = described["kind"], described["location"]
+    if kind == "module":
+        raise OptionsError(
+            f"{out} was exported from an in-memory module; it can only be verified by export(verify=True)."
+        )
+    if manifest["options"].get("trust_remote_code") and not trust_remote_code:
+        logger.warning(
+            "%s's manifest asks for trust_remote_code; shardex takes that only from the caller "
+            "(trust_remote_code=True, --trust-remote-code)",
+            out,
+        )
+    if kind == "factory" and factory is None:
+        raise OptionsError(
+            f"{out} was exported from the factory {location!r}; shardex imports no code a manifest names: "
+            f"pass factory={location!r} (--factory {location}) if you trust it."
+        )
+    if kind != "factory" and factory is not None:
+        raise OptionsError(
+            f"factory= is only for exports of factory models; {out} was exported from {location}."
+        )
+    return factory or location
+
+
+def _record_verification(out: str, manifest: dict, report: VerificationReport) -> None:
+    manifest["verification"] = report.to_json()
+    manifest["status"] = "complete" if report.passed else "verification_failed"
+    _output.write_json_atomic(os.path.join(out, MANIFEST_FILE), manifest)
 
 
 def _check_run_options(workers: int | None, atol: float | None, rtol: float | None) -> None:
@@ -376,18 +424,24 @@ class _Progress:
 
 
 def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1) -> VerificationReport:
-    """Reference run here (streamed); the streamed global check and one check per block group
-    on Ray. `program` is the stitched model in function form (before any inlining)."""
+    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved and
+    one check per block group. `program` is the stitched model in function form (before any
+    inlining): the block checks call its functions."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
     promote = needs_promotion(plan)
     inputs = plan.example.resized()  # other sizes than the capture example: dynamic axes are exercised
     logger.info("verify: running the PyTorch reference block by block")
-    reference = reference_run(plan, memory, inputs)
+    try:
+        reference = reference_run(plan, memory, inputs)
+    except ShardexError:
+        raise
+    except Exception as e:  # the model's own code failed on the verification inputs
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
     check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
-    program_bytes = ir.serde.serialize_model(program).SerializeToString()  # weights stay external
-    global_args = (program_bytes, check_models, plan, out, inputs, reference.outputs, atol_, rtol_, promote)
+    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
     # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it.
     tasks = [_ray.Task("verify global", verify_global, global_args, gpu=True)]
     tasks += [
@@ -408,7 +462,7 @@ def _verify(plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_
         for g in plan.groups
     ]
     results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task)
-    runtime = f"ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
+    runtime = f"{MODEL_FILE} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
     blocks = [check for group_checks in results[1:] for check in group_checks]

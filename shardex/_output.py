@@ -5,7 +5,9 @@ zero-copy mode), ``inputs.safetensors``, ``manifest.json``, and ``report.html`` 
 ``timeline.json``. Every file is written under a hidden ``.NAME.partial`` name, fsynced and
 renamed, so a final name always holds a complete file. Shards appear first, ``model.onnx``
 after every shard, ``manifest.json`` last: a directory without a manifest is an unfinished
-export. While one runs, ``.journal.json`` records the shards finished so far (resume).
+export. While one runs, ``.journal.json`` records the shards finished so far (resume). An
+export replacing a previous one (overwrite) is written in ``.shardex-staging/`` and swapped in
+when complete, so a failed or mistyped overwrite leaves the previous export as it was.
 
 Names read back from a manifest or a journal are checked to be plain file names in the
 directory: a downloaded export cannot make shardex read or hash files elsewhere.
@@ -21,6 +23,9 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -38,6 +43,7 @@ JOURNAL_FILE = ".journal.json"
 TIMELINE_FILE = "timeline.json"
 REPORT_FILE = "report.html"  # written by the CLI (_report); listed so overwrite and resume know it
 # Files an export may leave in its directory besides shards.
+STAGING_DIR = ".shardex-staging"  # a new export is written here while a previous one stays in place
 OWN_FILES = frozenset({MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, TIMELINE_FILE})
 VERSIONED_PACKAGES = (
     "shardex",
@@ -127,16 +133,68 @@ def file_in(directory: str, name: Any, *, named_by: str) -> str:
     return os.path.join(directory, name)
 
 
-def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
-    """Check `path` can take this export (the journal creates it after planning). With
-    `overwrite`, clear a previous shardex export; with `resume`, keep it for `reusable_shards`.
+@dataclasses.dataclass(frozen=True)
+class OutputDir:
+    """Where an export goes (`final`) and where it is written (`work`): `final` itself, or a
+    hidden staging directory inside it when `final` holds a previous export, which then stays
+    intact until the new one is complete (`commit`)."""
+
+    final: str
+    work: str
+
+    @contextlib.contextmanager
+    def staged(self) -> Iterator[None]:
+        """Write the export inside the block; `commit` it when the block completes, `discard`
+        it when the block fails."""
+        try:
+            yield
+        except BaseException:
+            self.discard()
+            raise
+        self.commit()
+
+    def commit(self) -> None:
+        """Swap the staged export in: the old manifest goes first (the directory is unfinished
+        for that moment), then the new files replace the old ones, the new manifest last."""
+        if self.work == self.final:
+            return
+        new = [n for n in os.listdir(self.work) if n != MANIFEST_FILE]
+        old = [n for n in os.listdir(self.final) if n != STAGING_DIR]
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.final, MANIFEST_FILE))
+        for name in new:
+            os.replace(os.path.join(self.work, name), os.path.join(self.final, name))
+        for name in set(old) - set(new) - {MANIFEST_FILE}:
+            os.remove(os.path.join(self.final, name))
+        os.replace(os.path.join(self.work, MANIFEST_FILE), os.path.join(self.final, MANIFEST_FILE))
+        os.rmdir(self.work)
+        fsync_directory(self.final)
+
+    def discard(self) -> None:
+        """After a failure: drop what was staged; the previous export is as it was."""
+        if self.work != self.final:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def prepare_output_dir(
+    path: str, *, overwrite: bool, resume: bool, source_dir: str | None = None
+) -> OutputDir:
+    """Check `path` can take this export, before any work: a writable directory, not inside
+    the checkpoint directory `source_dir`, empty unless `overwrite` (a previous shardex export
+    there is replaced once the new one is complete) or `resume` (kept for `reusable_shards`).
     A directory holding anything else is refused: shardex never deletes files it did not write."""
     out = os.path.abspath(path)
     if os.path.exists(out) and not os.path.isdir(out):
         raise OptionsError(f"output {out} exists and is not a directory; choose a directory path.")
+    if source_dir is not None and _inside(out, source_dir):
+        raise OptionsError(
+            f"output directory {out} is inside the checkpoint directory {source_dir}; shardex never writes "
+            "into its source: choose an output directory elsewhere."
+        )
+    _check_writable(out)
     existing = os.listdir(out) if os.path.isdir(out) else []
     if not existing:
-        return out
+        return OutputDir(out, out)
     if not overwrite and not resume:
         raise OptionsError(
             f"output directory {out} is not empty; choose an empty one, or pass overwrite=True "
@@ -144,17 +202,51 @@ def prepare_output_dir(path: str, *, overwrite: bool, resume: bool) -> str:
         )
     # A probe marker is left only by a coordinator killed during the storage check.
     foreign = [
-        n for n in existing if n not in OWN_FILES and not is_shard_file(n) and not n.startswith(MARKER_PREFIX)
+        n
+        for n in existing
+        if n not in OWN_FILES
+        and n != STAGING_DIR
+        and not is_shard_file(n)
+        and not n.startswith(MARKER_PREFIX)
     ]
     if foreign:
         raise OptionsError(
             f"output directory {out} holds files shardex did not write (e.g. {foreign[0]}); "
             "shardex only replaces or resumes its own exports. Choose another directory."
         )
-    if overwrite:
-        for name in existing:
-            os.remove(os.path.join(out, name))
-    return out
+    staging = os.path.join(out, STAGING_DIR)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an overwrite that was killed
+    return OutputDir(out, out if resume else staging)
+
+
+def _inside(path: str, directory: str) -> bool:
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _check_writable(out: str) -> None:
+    """Create (and drop) a nameless file where the export will create its first file."""
+    existing = out
+    while not os.path.isdir(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OptionsError(
+            f"output directory {out} cannot be written ({existing}: {e.strerror or e}); choose a directory "
+            "you can write to."
+        ) from None
+
+
+def check_free_space(out: str, nbytes: int) -> None:
+    """Before any shard is written: `out`'s filesystem has room for `nbytes` more."""
+    free = shutil.disk_usage(out).free
+    if free < nbytes:
+        raise OptionsError(
+            f"output directory {out} has {free:,} bytes free but the export writes {nbytes:,}; free some "
+            "space or choose another filesystem."
+        )
 
 
 # --- journal and resume --------------------------------------------------------------------
@@ -227,10 +319,18 @@ def reusable_shards(out: str, plan, fingerprint: str) -> dict[str, ShardResult]:
     return reused
 
 
-def shard_sha256(out: str, shard: dict) -> str:
+def model_sha256(out: str) -> str | None:
+    """sha256 of ``model.onnx`` (None when it is missing)."""
+    path = os.path.join(out, MODEL_FILE)
+    return file_sha256(path) if os.path.isfile(path) else None
+
+
+def shard_sha256(out: str, shard: dict) -> str | None:
     """A shard's hash as the manifest records it: of its header for a zero-copy link (its data
-    is the source's), else of the whole file."""
+    is the source's), else of the whole file (None when it is missing)."""
     path = file_in(out, shard["file"], named_by=os.path.join(out, MANIFEST_FILE))
+    if not os.path.isfile(path):
+        return None
     return header_sha256(path) if shard.get("hashed") == "header" else file_sha256(path)
 
 
@@ -281,11 +381,7 @@ def write_manifest(
         "options": options,
         "model_class": plan.model_class,
         "parameters": sum(math.prod(t.shape) for t in plan.tensors if not t.is_buffer),
-        "model": {
-            "file": MODEL_FILE,
-            "bytes": os.path.getsize(model_path),
-            "sha256": file_sha256(model_path),
-        },
+        "model": {"file": MODEL_FILE, "bytes": os.path.getsize(model_path), "sha256": model_sha256(out)},
         "shards": [
             dataclasses.asdict(s) | {"tensors": len(spec.tensors)} for s, spec in zip(shards, plan.shards)
         ],

@@ -120,13 +120,13 @@ def _verification_lines(verification: dict | None) -> list[str]:
             f"              blocks: {passed}/{len(blocks)} passed; worst {worst['name']}: {_diffs(worst)}"
         )
     if verification["shard_hash_mismatches"]:
-        lines.append(
-            f"              shard sha256 changed: {', '.join(verification['shard_hash_mismatches'])}"
-        )
+        lines.append(f"              sha256 changed: {', '.join(verification['shard_hash_mismatches'])}")
     return lines
 
 
 def _diffs(check: dict) -> str:
+    if check.get("error"):
+        return check["error"]
     text = f"max abs diff {check['max_abs_diff']:.2e}, max rel diff {check['max_rel_diff']:.2e}"
     return text if check["passed"] else f"{text} FAILED"
 
@@ -231,7 +231,7 @@ def _verification_html(verification: dict | None) -> str:
     ]
     if verification["shard_hash_mismatches"]:
         names = ", ".join(_e(n) for n in verification["shard_hash_mismatches"])
-        parts.append(f"<p class='fail'>Shards whose sha256 changed since the export: {names}</p>")
+        parts.append(f"<p class='fail'>Files whose sha256 changed since the export: {names}</p>")
     blocks = verification["blocks"]
     if blocks:
         parts.append(

@@ -15,6 +15,8 @@ import os
 import random
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import shardex
 from shardex import cli
 from tests import models
+from tests.cli_support import REPO, error_lines
 
 CKPT_FILE = "model.safetensors"
 # Names a finished (or finishing) export puts in its directory: none may appear for refused input.
@@ -79,9 +82,9 @@ def assert_refused(capsys, ckpt: Path, out: Path, error: type, fragments, *extra
     assert "\n" not in message
     code, line = run_cli(capsys, "export", ckpt, out / "cli", "--no-verify", *extra_argv)
     assert code == 2, line
-    assert line == f"shardex: error: {message}"
+    assert line.startswith("shardex: error: ")
     for fragment in fragments:
-        assert fragment in message, message
+        assert fragment in message and fragment in line, message
     assert digests(ckpt) == before
     assert not final_files(out / "library") and not final_files(out / "cli")
 
@@ -253,3 +256,183 @@ def test_damaged_checkpoint_is_refused(case, ckpt, tmp_path, capsys):
     damage, fragments = CHECKPOINT_CASES[case]
     damage(ckpt)
     assert_refused(capsys, ckpt, tmp_path / "out", shardex.SourceError, fragments)
+
+
+# --- the output directory --------------------------------------------------------------------
+
+
+def test_output_inside_the_checkpoint_is_refused(ckpt, capsys):
+    assert_refused(capsys, ckpt, ckpt / "onnx", shardex.OptionsError, ("inside the checkpoint directory",))
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a filesystem in a mount namespace of its own."""
+    probe = 'd=$(mktemp -d) && mount -t tmpfs tmpfs "$d" && umount "$d" && rmdir "$d"'
+    try:
+        return subprocess.run(PRIVATE_MOUNTS + [probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+PRIVATE_MOUNTS = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+
+
+def export_on_tmpfs(mount_options: str, directory: Path, ckpt: Path) -> subprocess.CompletedProcess:
+    """`shardex export` into `directory`, a fresh tmpfs (`mount_options`) only this command sees."""
+    directory.mkdir()
+    script = f'mount -t tmpfs -o {mount_options} tmpfs "$1" && shift && exec "$@"'
+    argv = [sys.executable, "-m", "shardex", "export", ckpt, directory / "out", "--no-verify"]
+    return subprocess.run(
+        [*PRIVATE_MOUNTS, script, "sh", directory, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+needs_mounts = pytest.mark.skipif(
+    not can_mount(), reason="mounting a tmpfs in a mount namespace (unshare --mount) is not allowed here"
+)
+
+
+@needs_mounts
+def test_unwritable_output_is_refused_before_any_work(pristine, tmp_path):
+    before = digests(pristine)
+    result = export_on_tmpfs("ro", tmp_path / "ro", pristine)
+    assert result.returncode == 2, result.stderr
+    line = error_lines(result)[-1]
+    assert "cannot be written" in line and "Read-only file system" in line, line
+    assert len(error_lines(result)) == 1
+    assert digests(pristine) == before
+
+
+@needs_mounts
+def test_full_output_filesystem_is_refused_before_any_shard(pristine, tmp_path):
+    before = digests(pristine)
+    result = export_on_tmpfs("size=64k", tmp_path / "small", pristine)
+    assert result.returncode == 2, result.stderr
+    (line,) = error_lines(result)
+    assert "bytes free but the export writes" in line, line
+    assert digests(pristine) == before
+
+
+# --- tampered exports: verify and inspect ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(pristine, tmp_path_factory, ray_local) -> Path:
+    """A verified export of the tiny Llama, in several shards."""
+    out = tmp_path_factory.mktemp("finished") / "out"
+    shardex.export(pristine, out, max_shard_size="200KB")
+    return out
+
+
+@pytest.fixture
+def export_copy(finished, tmp_path) -> Path:
+    return Path(shutil.copytree(finished, tmp_path / "export"))
+
+
+def edit_manifest(out: Path, change: Callable[[dict], None]) -> None:
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../../../../etc/passwd"])
+@pytest.mark.parametrize("command", ["verify", "inspect"])
+def test_manifest_naming_files_outside_the_export_is_refused(export_copy, capsys, name, command):
+    edit_manifest(export_copy, lambda m: m["shards"][0].update(file=name))
+    code, line = run_cli(capsys, command, export_copy)
+    assert code == 2
+    assert name in line and "not a file name inside" in line and "manifest.json" in line, line
+
+
+def flip_byte(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_model_onnx_edited_by_one_byte_fails_verify_naming_it(export_copy, pristine, capsys):
+    before = digests(pristine)
+    flip_byte(export_copy / "model.onnx", os.path.getsize(export_copy / "model.onnx") // 2)
+    code, line = run_cli(capsys, "verify", export_copy, "--quiet")
+    assert code == 1
+    assert line.startswith("shardex: error: verification failed") and "model.onnx" in line, line
+    manifest = json.loads((export_copy / "manifest.json").read_text())
+    assert manifest["status"] == "verification_failed"
+    assert manifest["verification"]["shard_hash_mismatches"] == ["model.onnx"]
+    assert digests(pristine) == before
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_shard_edited_by_one_byte_fails_verify_naming_it(export_copy, pristine, capsys):
+    before = digests(pristine)
+    shard = json.loads((export_copy / "manifest.json").read_text())["shards"][-1]["file"]
+    flip_byte(export_copy / shard, 0)
+    code, line = run_cli(capsys, "verify", export_copy, "--quiet")
+    assert code == 1
+    assert line.startswith("shardex: error: verification failed") and shard in line, line
+    assert digests(pristine) == before
+
+
+def test_manifest_naming_a_factory_imports_nothing(export_copy, tmp_path, monkeypatch, capsys):
+    """An export's manifest is data: a factory it names is reported, never imported."""
+    marker = tmp_path / "imported"
+    (tmp_path / "payload_of_the_manifest.py").write_text(
+        f"open({os.fspath(marker)!r}, 'w').close()\ndef build():\n    raise SystemExit('ran')\n"
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    edit_manifest(
+        export_copy, lambda m: m["source"].update(kind="factory", location="payload_of_the_manifest:build")
+    )
+    code, line = run_cli(capsys, "verify", export_copy)
+    assert code == 2
+    assert "payload_of_the_manifest:build" in line and "--factory" in line, line
+    assert not marker.exists()
+    assert cli.main(["inspect", os.fspath(export_copy)]) == 0
+    assert (
+        "factory payload_of_the_manifest:build (verify imports it only with --factory"
+        in capsys.readouterr().out
+    )
+    assert not marker.exists()
+
+
+def test_manifest_asking_for_remote_code_is_reported_not_obeyed(export_copy, ckpt, tmp_path, capsys):
+    """The checkpoint needs its own code and the manifest asks for it: verify without
+    --trust-remote-code says so and runs nothing."""
+    marker = tmp_path / "imported"
+    (ckpt / "homemade.py").write_text(f"open({os.fspath(marker)!r}, 'w').close()\n")
+    edit_config(ckpt, remote_code)
+
+    def point_at_ckpt(manifest: dict) -> None:
+        manifest["source"]["location"] = os.fspath(ckpt)
+        manifest["options"]["trust_remote_code"] = True
+
+    edit_manifest(export_copy, point_at_ckpt)
+    capsys.readouterr()
+    assert cli.main(["verify", os.fspath(export_copy)]) == 2
+    warning, error = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert "manifest asks for trust_remote_code" in warning and "only from the caller" in warning
+    assert "needs its own code" in error and "--trust-remote-code" in error
+    assert not marker.exists()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_overwrite_keeps_the_previous_export_until_the_new_one_is_complete(export_copy, pristine, capsys):
+    before = digests(export_copy)
+    code, line = run_cli(capsys, "export", pristine, export_copy, "--overwrite", "--blocks", "no.such.*")
+    assert code == 2 and "matches no module" in line
+    assert digests(export_copy) == before, "a failed overwrite changed the previous export"
+
+    old_shards = len(shardex.load_manifest(export_copy)["shards"])
+    program = shardex.export(pristine, export_copy, overwrite=True, max_shard_size="1GiB", verify=False)
+    manifest = shardex.load_manifest(export_copy)
+    assert manifest["options"]["max_shard_size"] == 1 << 30 and len(manifest["shards"]) < old_shards
+    names = {"model.onnx", "manifest.json", "inputs.safetensors", "timeline.json"}
+    names |= {s["file"] for s in manifest["shards"]}
+    assert set(os.listdir(export_copy)) == names  # the old shards are gone, nothing staged is left
+    weight = program.model.graph.initializers["model.norm.weight"].const_value
+    assert os.path.samefile(weight.base_dir, export_copy)
+    assert weight.numpy().shape == (64,)

@@ -66,6 +66,7 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
         "created": manifest.get("created"),
         "source": manifest["source"],
         "parameters": manifest["parameters"],
+        "code": _code_requests(manifest),
         "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": [_value(v) for v in graph.input],
@@ -90,6 +91,17 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
         "max_abs_diff": worst_output_diff(manifest),
         "blocks_verified": len(verification["blocks"]) if verification else 0,
     }
+
+
+def _code_requests(manifest: dict) -> list[str]:
+    """What code the manifest says the export ran: reported, never run by inspect or verify."""
+    requests = []
+    if manifest["source"]["kind"] == "factory":
+        location = manifest["source"]["location"]
+        requests.append(f"factory {location} (verify imports it only with --factory {location})")
+    if manifest.get("options", {}).get("trust_remote_code"):
+        requests.append("the checkpoint's own code (verify runs it only with --trust-remote-code)")
+    return requests
 
 
 def _external_location(tensor: onnx.TensorProto) -> str:
@@ -135,6 +147,7 @@ def format_description(d: dict) -> str:
         f"{d['output_dir']}: {d['format']} export, {d['status']}, created {d['created']}",
         f"source      {source['location']} ({SOURCE_KINDS.get(source['kind'], source['kind'])}), "
         f"{d['parameters']:,} parameters",
+        *_labelled("code", d["code"]),
         f"model       {d['model']['file']} {human_bytes(d['model']['bytes'])}, IR {d['ir_version']}, opsets "
         + ", ".join(f"{k} {v}" for k, v in d["opsets"].items()),
         *_labelled("inputs", [f"{v['name']}: {v['type']}" for v in d["inputs"]]),
