@@ -71,8 +71,7 @@ def main() -> int:
         inputs = plan.example.resized()
         reference = reference_run(plan, memory, inputs)
         checks = {g.function_name: block_check_model(model, plan, g, promote) for g in plan.groups}
-        program = ir.serde.serialize_model(model).SerializeToString()
-        outputs = verify_global(program, checks, plan, out, inputs, reference.outputs, atol, rtol, promote)
+        outputs = verify_global(plan, out, inputs, reference.outputs, atol, rtol, promote)
         blocks = [
             c
             for g in plan.groups

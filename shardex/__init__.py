@@ -37,7 +37,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "export": "shardex._export",
     "verify": "shardex._export",
-    "load_manifest": "shardex._export",
+    "load_manifest": "shardex._output",
     "VerificationReport": "shardex._verify",
     "CheckResult": "shardex._verify",
     **{name: "shardex._errors" for name in __all__ if name.endswith("Error")},
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
         VerificationError,
         WeightsError,
     )
-    from shardex._export import export, load_manifest, verify
+    from shardex._export import export, verify
+    from shardex._output import load_manifest
     from shardex._verify import CheckResult, VerificationReport
 
 

@@ -27,9 +27,10 @@ from onnx import defs
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shardex._dtypes import TORCH_TO_ONNX
+from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._plan import CallSignature, Plan, TensorSpec
+from shardex._source import named_tensors
 from shardex._tasks import DERIVED_AXES, call_block, hole_names, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
@@ -70,10 +71,7 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     memo_key = (group, tuple(str(tuple(t.shape)) for t in inputs))
     if memo_key not in _FAKE_OUTPUTS:
         device = inputs[0].device if inputs else torch.device("meta")
-        params = {
-            n: torch.empty(t.shape, dtype=t.dtype, device=device)
-            for n, t in [*block.named_parameters(), *block.named_buffers()]
-        }
+        params = {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)}
         args, kwargs = call.unflatten_inputs(inputs)
         output = call_block(lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs)
         leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
@@ -91,21 +89,7 @@ def _hole_schema_name(num_outputs: int) -> str:
     if not defs.has(name, HOLE_DOMAIN):
         param = defs.OpSchema.FormalParameter
         variadic = defs.OpSchema.FormalParameterOption.Variadic
-        all_tensors = [
-            f"tensor({t})"
-            for t in (
-                "float",
-                "float16",
-                "bfloat16",
-                "double",
-                "int64",
-                "int32",
-                "int16",
-                "int8",
-                "uint8",
-                "bool",
-            )
-        ]
+        all_tensors = [d.onnx_type for d in DTYPES]
         schema = defs.OpSchema(
             name,
             HOLE_DOMAIN,

@@ -166,7 +166,10 @@ def _storage_problem(directory: str, marker: str, readable: Sequence[str]) -> st
     except OSError as e:
         return f"output directory {directory} is not writable ({e.strerror})"
     for path in readable:
-        if not os.access(path, os.R_OK):
+        try:
+            with open(path, "rb"):  # opening, not os.access: root-squashed NFS answers access() wrongly
+                pass
+        except OSError:
             return f"source file {path} is not readable"
     return None
 
@@ -258,7 +261,6 @@ def write_timeline(records: Sequence[TaskRecord], path: str) -> None:
                 "args": {"node_id": r.node_id, "cpus": r.cpus, "gpus": r.gpus},
             }
         )
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(partial, "w") as f:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
-    os.replace(partial, path)
+    from shardex._output import write_atomic  # coordinator-only; _output imports this module
+
+    write_atomic(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))

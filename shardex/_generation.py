@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from shardex._plan import Plan
-from shardex._verify import CheckResult, StreamedReference, _to_numpy, compare, onnx_runner
+from shardex._verify import CheckResult, SavedModelRunner, StreamedReference, _to_numpy, compare
 
 logger = logging.getLogger("shardex")
 
@@ -137,8 +137,6 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
 
 
 def verify_generation(
-    model_bytes: bytes,
-    check_models: dict[str, bytes],
     plan: Plan,
     output_dir: str,
     reference: GenerationReference,
@@ -146,8 +144,9 @@ def verify_generation(
     rtol: float,
     promote: bool,
 ) -> GenerationCheck:
-    """ONNX Runtime's steps fed PyTorch's tokens: its greedy choice and logits at every step."""
-    runner = onnx_runner(model_bytes, check_models, plan, output_dir, promote)
+    """ONNX Runtime's steps on ``model.onnx`` as saved, fed PyTorch's tokens: its greedy choice
+    and logits at every step."""
+    runner = SavedModelRunner(output_dir, promote)
     example = {name: _to_numpy(t) for name, t in zip(plan.input_names, plan.example.flat_tensors())}
     batch = reference.input_ids.shape[0]
     feeds_past = {}

@@ -23,7 +23,15 @@ from torch.utils import _pytree as pytree
 
 from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
-from shardex._source import Source, TensorLocation, build_skeleton, hf_config, index_checkpoint
+from shardex._source import (
+    Source,
+    TensorLocation,
+    build_skeleton,
+    check_stored_dtype,
+    hf_config,
+    index_checkpoint,
+    named_tensors,
+)
 from shardex._tasks import (
     DERIVED_AXES,
     TEXT_GENERATION_WITH_PAST,
@@ -268,6 +276,7 @@ def make_plan(
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
+    _check_all_used(checkpoint, tensors, skeleton)
     skeleton.to("meta")
     cache_layers = (
         {p: cache_layer_index(skeleton.get_submodule(p), i) for i, p in enumerate(hole_paths)}
@@ -334,10 +343,7 @@ def _input_names(model: nn.Module, example: ExampleInputs) -> list[str]:
 def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
     """id(tensor) -> every name it has (tied weights have several), in registration order."""
     names: dict[int, list[str]] = {}
-    for name, tensor in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
+    for name, tensor in named_tensors(model, remove_duplicate=False):
         names.setdefault(id(tensor), []).append(name)
     return names
 
@@ -446,20 +452,11 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
 def _memory_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors with real values in `model`: the skeleton's buffers (non-persistent ones are in
     no checkpoint), or every tensor of a real in-memory model."""
-    return {
-        name: t
-        for name, t in [
-            *model.named_parameters(remove_duplicate=False),
-            *model.named_buffers(remove_duplicate=False),
-        ]
-        if t.device.type != "meta"
-    }
+    return {name: t for name, t in named_tensors(model, remove_duplicate=False) if t.device.type != "meta"}
 
 
 def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorEntry]:
-    by_name = dict(
-        [*skeleton.named_parameters(remove_duplicate=False), *skeleton.named_buffers(remove_duplicate=False)]
-    )
+    by_name = dict(named_tensors(skeleton, remove_duplicate=False))
     result = []
     missing = []
     for aliases in names.values():
@@ -475,6 +472,7 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
                     f"model built from {source.location} expects {list(tensor.shape)}; the "
                     "checkpoint does not match its config/factory."
                 )
+            check_stored_dtype(aliases[0], found, tensor.dtype)
         elif aliases[0] in memory:
             location = None
             if not _is_non_persistent(skeleton, aliases[0]):
@@ -502,6 +500,31 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
             "checkpoint does not match the model."
         )
     return result
+
+
+def _check_all_used(
+    checkpoint: dict[str, TensorLocation], tensors: list[TensorEntry], model: nn.Module
+) -> None:
+    """Every checkpoint tensor fills a model tensor: one that fills none means the checkpoint is
+    not this model's. Ignored, as transformers ignores them: the model class's
+    ``_keys_to_ignore_on_load_unexpected`` and stale copies of non-persistent buffers."""
+    used = {alias for t in tensors if t.source is not None for alias in t.aliases}
+    patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    buffers = {
+        name.rpartition(".")[2] for name, _ in model.named_buffers() if _is_non_persistent(model, name)
+    }
+    extra = [
+        name
+        for name in checkpoint
+        if name not in used
+        and name.rpartition(".")[2] not in buffers
+        and not any(p.search(name) for p in patterns)
+    ]
+    if extra:
+        raise SourceError(
+            f"{len(extra)} tensor(s) in the checkpoint are not in the model, e.g. {extra[0]!r} in "
+            f"{checkpoint[extra[0]].file}; the checkpoint does not match its config/factory."
+        )
 
 
 def _is_non_persistent(model: nn.Module, name: str) -> bool:
@@ -644,7 +667,7 @@ def _fingerprint(block: nn.Module) -> tuple:
             )
         )
         parts.append((name, type(module).__qualname__, attrs))
-    for name, t in [*block.named_parameters(), *block.named_buffers()]:
+    for name, t in named_tensors(block):
         parts.append((name, tuple(t.shape), str(t.dtype)))
     return tuple(parts)
 
@@ -672,7 +695,7 @@ def _group_blocks(
                 class_name=class_name,
                 members=[],
                 call=call,
-                weight_names=[n for n, _ in [*block.named_parameters(), *block.named_buffers()]],
+                weight_names=[n for n, _ in named_tensors(block)],
             )
         groups[key].members.append(path)
     return list(groups.values())

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -251,11 +252,41 @@ def _get(ref, task: Task):
         cause = e.cause
         if isinstance(cause, ShardexError):
             raise cause from None
-        raise ShardexError(f"{task.label} failed on a Ray worker: {type(cause).__name__}: {cause}") from e
+        missing = _missing_module(e)
+        if missing:
+            raise ShardexError(f"{task.label} failed: {missing}; {INSTALL_FIX}.") from e
+        raise ShardexError(
+            f"{task.label} failed on a Ray worker: {type(cause).__name__}: {_first_line(cause)}"
+        ) from e
     except ray.exceptions.RayError as e:
         raise ShardexError(
-            f"{task.label} failed after {TASK_RETRIES} retries: {type(e).__name__}: {str(e).splitlines()[0]}"
+            f"{task.label} failed after {TASK_RETRIES} retries: {type(e).__name__}: {_first_line(e)}"
         ) from e
+
+
+def probe_failure(node: NodeInfo, error: BaseException) -> str:
+    """The one line for a storage probe that raised instead of reporting: a worker that cannot
+    import shardex is told to install it; a worker that died (already retried) is not."""
+    missing = _missing_module(error)
+    if missing:
+        return f"the storage probe failed on Ray node {node}: {missing}; {INSTALL_FIX}."
+    return (
+        f"the storage probe failed on Ray node {node} after {TASK_RETRIES} retries: "
+        f"{type(error).__name__}: {_first_line(error).rstrip('.')}; check the node's health (`ray status`, its logs)."
+    )
+
+
+def _missing_module(error: BaseException) -> str | None:
+    """'No module named X' when a task failed because its worker cannot import a module."""
+    match = re.search(r"No module named '([\w.]+)'", str(error))
+    return f"its worker cannot import {match[1]!r} (No module named {match[1]!r})" if match else None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (Ray prefixes it with a task header line)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.lstrip().startswith(("\x1b", "ray::"))]
+    return (meaningful or lines or [""])[0].strip()
 
 
 def _nodes() -> list[NodeInfo]:
@@ -295,7 +326,7 @@ def check_output_visible(output_dir: str, *, readable: Sequence[str] = ()) -> No
     nodes = [n for n in _nodes() if n.cpus > 0]
     if {n.node_id for n in nodes} <= {ray.get_runtime_context().get_node_id()}:
         return
-    probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+    probe = ray.remote(num_cpus=0, max_retries=TASK_RETRIES)(probe_node)
     expected = package_versions()
     with marker_file(output_dir) as marker:
         refs = [
@@ -309,10 +340,7 @@ def check_output_visible(output_dir: str, *, readable: Sequence[str] = ()) -> No
             try:
                 found = ray.get(ref)
             except ray.exceptions.RayError as e:
-                reason = str(e).strip().splitlines()[-1]
-                raise OptionsError(
-                    f"the storage probe failed on Ray node {node}: {reason}; {INSTALL_FIX}."
-                ) from e
+                raise OptionsError(probe_failure(node, e)) from e
             message = probe_error(node, found, expected)
             if message:
                 raise OptionsError(message)

@@ -12,7 +12,7 @@ import html
 import math
 import os
 
-from shardex._export import MODEL_FILE, REPORT_FILE, load_manifest
+from shardex._output import MODEL_FILE, REPORT_FILE, load_manifest, write_atomic
 
 STAGES = [
     ("plan", "plan"),
@@ -135,13 +135,13 @@ def _verification_lines(verification: dict | None) -> list[str]:
             f"{_diffs(generation['prefill'])}; decode logits {_diffs(generation['decode'])}"
         )
     if verification["shard_hash_mismatches"]:
-        lines.append(
-            f"              shard sha256 changed: {', '.join(verification['shard_hash_mismatches'])}"
-        )
+        lines.append(f"              sha256 changed: {', '.join(verification['shard_hash_mismatches'])}")
     return lines
 
 
 def _diffs(check: dict) -> str:
+    if check.get("error"):
+        return check["error"]
     text = f"max abs diff {check['max_abs_diff']:.2e}, max rel diff {check['max_rel_diff']:.2e}"
     return text if check["passed"] else f"{text} FAILED"
 
@@ -158,10 +158,7 @@ def write_report(output_dir: str | os.PathLike) -> str:
     out = os.path.abspath(os.fspath(output_dir))
     manifest = load_manifest(out)
     path = os.path.join(out, REPORT_FILE)
-    partial = os.path.join(out, f".{REPORT_FILE}.partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(_render_html(manifest))
-    os.replace(partial, path)
+    write_atomic(path, _render_html(manifest))
     return path
 
 
@@ -267,7 +264,7 @@ def _verification_html(verification: dict | None) -> str:
         parts.append(_checks_table([generation["prefill"], generation["decode"]]))
     if verification["shard_hash_mismatches"]:
         names = ", ".join(_e(n) for n in verification["shard_hash_mismatches"])
-        parts.append(f"<p class='fail'>Shards whose sha256 changed since the export: {names}</p>")
+        parts.append(f"<p class='fail'>Files whose sha256 changed since the export: {names}</p>")
     blocks = verification["blocks"]
     if blocks:
         parts.append(

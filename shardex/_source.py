@@ -20,18 +20,20 @@ import dataclasses
 import glob
 import importlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from shardex._dtypes import SAFETENSORS_TO_TORCH
+from shardex._dtypes import SAFETENSORS_BITS, SAFETENSORS_TO_TORCH
 from shardex._errors import SourceError
 
 SourceKind = Literal["hf", "factory", "module"]
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +108,16 @@ def resolve_source(
                 f"{text} is not a Hugging Face checkpoint: it has no config.json; pass a directory "
                 "written by save_pretrained, or a factory 'package.module:function' with weights=."
             )
-        return Source(
+        source = Source(
             kind="hf",
             location=os.path.abspath(text),
             files=safetensors_files(text),
             trust_remote_code=trust_remote_code,
             hub=hub,
         )
+        _hf_model_class(source)  # a bad config fails here, before any work starts
+        index_checkpoint(source.files)  # so does a bad header
+        return source
     if ":" in text and not os.path.exists(text):
         if weights is None:
             raise SourceError(
@@ -125,6 +130,7 @@ def resolve_source(
             files = safetensors_files(os.fspath(weights))
         else:
             files = [_existing_file(os.fspath(weights))]
+        index_checkpoint(files)  # a bad header fails here, before any work starts
         return Source(kind="factory", location=text, files=files)
     raise SourceError(
         f"source {text!r} does not exist; pass a checkpoint directory (with config.json), a Hugging "
@@ -139,12 +145,17 @@ def _existing_file(path: str) -> str:
 
 
 def safetensors_files(directory: str) -> list[str]:
-    """The checkpoint's safetensors files: those the index names, else every *.safetensors."""
+    """The checkpoint's safetensors files: those the index names, else every *.safetensors.
+    Names in the index must stay inside `directory` (no absolute paths, no ``..``)."""
     index_path = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map", {})
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(_index_weight_map(index_path).values()))
+        for name in names:
+            if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+                raise SourceError(
+                    f"{index_path} names file {name!r}, outside the checkpoint directory; the index is "
+                    "damaged or hostile: a checkpoint's files must be inside its directory."
+                )
         missing = [n for n in names if not os.path.isfile(os.path.join(directory, n))]
         if missing:
             raise SourceError(
@@ -154,35 +165,133 @@ def safetensors_files(directory: str) -> list[str]:
         return [os.path.abspath(os.path.join(directory, n)) for n in names]
     files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
     if not files:
+        pickled = sorted(
+            glob.glob(os.path.join(directory, "*.bin")) + glob.glob(os.path.join(directory, "*.pt"))
+        )
+        found = (
+            f" (it has {os.path.basename(pickled[0])}, a pickle file shardex never loads)" if pickled else ""
+        )
         raise SourceError(
-            f"{directory} has no *.safetensors files; shardex reads safetensors checkpoints "
+            f"{directory} has no *.safetensors files{found}; shardex reads safetensors checkpoints "
             "(convert .bin files with save_pretrained(safe_serialization=True))."
         )
     return [os.path.abspath(f) for f in files]
 
 
-def read_safetensors_header(path: str) -> dict[str, TensorLocation]:
-    """Parse one safetensors header: tensor name -> absolute byte location. Reads no data."""
+def _index_weight_map(index_path: str) -> dict[str, str]:
     try:
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise SourceError(
+            f"{index_path} is not a readable index ({e}); re-download the checkpoint."
+        ) from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(
+            f"{index_path} has no weight_map of tensor names to file names; re-download the checkpoint."
+        )
+    return weight_map
+
+
+def read_safetensors_header(path: str) -> dict[str, TensorLocation]:
+    """Parse and check one safetensors header: tensor name -> absolute byte location. Reads no
+    data. Everything later stages trust is checked here, before any byte is written: a bounded
+    header length, JSON of the right shape, known dtypes, every tensor's bytes inside the file,
+    its size = elements x item size, and no two tensors sharing bytes."""
+    try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-    except (OSError, struct.error, ValueError) as e:
-        raise SourceError(f"{path} is not a readable safetensors file: {e}") from e
-    data_start = 8 + header_len
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _not_safetensors(path, f"it has {size} bytes, fewer than the 8 of a header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if 8 + header_len > size:
+                raise _not_safetensors(
+                    path, f"its header length {header_len} exceeds the file ({size} bytes)"
+                )
+            if header_len > MAX_HEADER_BYTES:
+                raise _not_safetensors(
+                    path, f"its header length {header_len} exceeds {MAX_HEADER_BYTES} bytes"
+                )
+            raw = f.read(header_len)
+    except OSError as e:
+        raise SourceError(f"cannot read {path}: {e.strerror or e}.") from None
+    try:
+        header = json.loads(raw, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise _not_safetensors(path, f"its header names {e} twice") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _not_safetensors(path, f"its header is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "its header is not a JSON object")
+    data_size = size - 8 - header_len
     index = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        begin, end = _checked_entry(path, name, info, data_size)
         index[name] = TensorLocation(
             file=path,
-            offset=data_start + begin,
+            offset=8 + header_len + begin,
             nbytes=end - begin,
             dtype=info["dtype"],
             shape=tuple(info["shape"]),
         )
+    _check_no_overlap(path, index)
     return index
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object names one key twice (`json` would silently keep the last)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise _DuplicateKey(repr(next(k for k in keys if keys.count(k) > 1)))
+    return result
+
+
+def _checked_entry(path: str, name: str, info: Any, data_size: int) -> tuple[int, int]:
+    """One header entry's data offsets, after checking the entry against the file."""
+
+    def bad(problem: str) -> SourceError:
+        return SourceError(
+            f"{path}: tensor {name!r} {problem}; the file is damaged or not a safetensors "
+            "checkpoint: re-download or re-save it."
+        )
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise bad("lacks dtype, shape or data_offsets in the header")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in SAFETENSORS_BITS:
+        raise bad(f"has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise bad(f"has data_offsets [{begin}, {end}] outside the file's {data_size} data bytes")
+    bits = math.prod(shape) * SAFETENSORS_BITS[dtype]
+    if bits != (end - begin) * 8:
+        raise bad(f"has {end - begin} bytes, but {dtype} of shape {shape} needs {bits / 8:g}")
+    return begin, end
+
+
+def _check_no_overlap(path: str, index: dict[str, TensorLocation]) -> None:
+    spans = sorted((loc.offset, loc.offset + loc.nbytes, name) for name, loc in index.items() if loc.nbytes)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SourceError(
+                f"{path}: tensors {first!r} and {second!r} share bytes (overlapping data_offsets); the "
+                "file is damaged or hostile: re-download or re-save it."
+            )
+
+
+def _not_safetensors(path: str, problem: str) -> SourceError:
+    return SourceError(f"{path} is not a safetensors file: {problem}; re-download or re-save it.")
 
 
 def index_checkpoint(files: list[str]) -> dict[str, TensorLocation]:
@@ -197,6 +306,24 @@ def index_checkpoint(files: list[str]) -> dict[str, TensorLocation]:
                 )
             index[name] = location
     return index
+
+
+def check_stored_dtype(name: str, location: TensorLocation, expected: torch.dtype) -> None:
+    """A checkpoint tensor can fill a model tensor of dtype `expected`: shardex can read its
+    dtype, and it is floating exactly when `expected` is (floats convert, integers must match)."""
+    stored = SAFETENSORS_TO_TORCH.get(location.dtype)
+    if stored is None:
+        raise SourceError(
+            f"tensor {name!r} in {location.file} has dtype {location.dtype}, which shardex cannot store "
+            f"(it handles {', '.join(SAFETENSORS_TO_TORCH)}); dequantize or convert the checkpoint first."
+        )
+    if stored != expected and (
+        stored.is_floating_point != expected.is_floating_point or not stored.is_floating_point
+    ):
+        raise SourceError(
+            f"tensor {name!r} is {location.dtype} in {location.file} but the model expects "
+            f"{str(expected).removeprefix('torch.')}; the checkpoint does not match its config/factory."
+        )
 
 
 def read_tensor(location: TensorLocation) -> torch.Tensor:
@@ -246,6 +373,15 @@ def params_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def named_tensors(module: nn.Module, *, remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """`module`'s parameters, then its buffers, with their names: every tensor a checkpoint,
+    a plan or a capture knows it by (tied tensors once, or under each name)."""
+    return [
+        *module.named_parameters(remove_duplicate=remove_duplicate),
+        *module.named_buffers(remove_duplicate=remove_duplicate),
+    ]
 
 
 def meta_copy(module: nn.Module) -> nn.Module:
@@ -300,37 +436,58 @@ def build_skeleton(source: Source, dtype: torch.dtype | None, *, use_cache: bool
 
 
 def hf_config(source: Source):
-    """The checkpoint's transformers config (config.json)."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise SourceError("a Hugging Face checkpoint needs transformers: pip install 'shardex[hf]'.") from e
-    return transformers.AutoConfig.from_pretrained(
-        source.location, trust_remote_code=source.trust_remote_code
-    )
+    """The checkpoint's transformers config (config.json); see `_hf_model_class`."""
+    return _hf_model_class(source)[0]
 
 
 def _build_hf_skeleton(source: Source, dtype: torch.dtype | None, use_cache: bool) -> nn.Module:
     import transformers
 
-    config = hf_config(source)
+    config, model_class = _hf_model_class(source)
     config.use_cache = use_cache and getattr(config, "use_cache", False)
     if dtype is None:
         dtype = checkpoint_float_dtype(source.files) or torch.float32
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
     with params_on_meta():
         if model_class is not None:
             return model_class._from_config(config, dtype=dtype)
-        auto = getattr(config, "auto_map", {}).get("AutoModelForCausalLM")
-        if auto and not source.trust_remote_code:
-            raise SourceError(
-                f"{source.location} needs its own code ({auto}); pass trust_remote_code=True "
-                "(--trust-remote-code) if you trust it."
-            )
         return transformers.AutoModelForCausalLM.from_config(
             config, dtype=dtype, trust_remote_code=source.trust_remote_code
         )
+
+
+def _hf_model_class(source: Source) -> tuple[Any, type[nn.Module] | None]:
+    """The checkpoint's config and its transformers class (None: the checkpoint's own code, only
+    with `trust_remote_code`). A config transformers cannot read is a one-line `SourceError`."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise SourceError("a Hugging Face checkpoint needs transformers: pip install 'shardex[hf]'.") from e
+    path = os.path.join(source.location, "config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SourceError(
+            f"{path} is not readable JSON ({e}); re-download or re-save the checkpoint."
+        ) from None
+    auto = (data.get("auto_map") or {}).get("AutoModelForCausalLM") if isinstance(data, dict) else None
+    architectures = (data.get("architectures") or []) if isinstance(data, dict) else []
+    model_class = getattr(transformers, str(architectures[0]), None) if architectures else None
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        model_class = None
+    if model_class is None and auto and not source.trust_remote_code:
+        raise SourceError(
+            f"{source.location} needs its own code ({auto}); shardex runs it only with "
+            "trust_remote_code=True (--trust-remote-code), if you trust the checkpoint."
+        )
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            source.location, trust_remote_code=source.trust_remote_code
+        )
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise SourceError(f"transformers cannot read {path}: {type(e).__name__}: {first}") from None
+    return config, model_class
 
 
 def checkpoint_float_dtype(files: list[str]) -> torch.dtype | None:

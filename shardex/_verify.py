@@ -3,8 +3,11 @@
 The PyTorch reference streams: the trunk's weights are loaded, and each block's weights are
 loaded just before it runs and dropped after, so memory is about the trunk plus one block. The
 same run records every block's boundary tensors; each block's ONNX function is then run in ONNX
-Runtime on exactly those inputs with the weights read back from the shards, so a mismatch is
-pinned to one block.
+Runtime on exactly those inputs, so a mismatch is pinned to one block.
+
+ONNX Runtime always runs the files as saved: its sessions get the external-data references
+written in ``model.onnx`` and resolve them in the shards themselves (shardex reads no weight for
+them), as one session on the file or, for a model larger than the session budget, as segments.
 
 Low precision on CPU: ONNX Runtime's CPU provider lacks bf16 (and much fp16) kernels. Such
 exports are verified as a *float32-promoted* copy of the graph: every bf16/fp16 type, cast and
@@ -28,9 +31,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, TORCH_TO_SAFETENSORS, dtype_name
+from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, dtype_name, numpy_dtype
+from shardex._output import MODEL_FILE
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import TensorLocation, read_tensor
+from shardex._source import named_tensors, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
 from shardex._tasks import call_block, merge_cache, split_cache
 
@@ -57,6 +61,7 @@ class CheckResult:
     atol: float
     rtol: float
     passed: bool
+    error: str | None = None  # why ONNX Runtime could not run the check at all
 
 
 @dataclasses.dataclass
@@ -67,6 +72,7 @@ class VerificationReport:
     outputs: list[CheckResult]
     blocks: list[CheckResult]
     seconds: float = 0.0
+    # files of the export (shards, model.onnx) whose sha256 differs from the manifest's
     shard_hash_mismatches: list[str] = dataclasses.field(default_factory=list)
     generation: Any = None  # a `_generation.GenerationCheck` for generation exports
 
@@ -197,10 +203,7 @@ class StreamedReference:
                 self.model.set_submodule(path, block)
         loaded: dict[str, torch.Tensor] = {}  # by canonical name: tied aliases share one tensor
         self.state = {}
-        for name, _ in [
-            *self.model.named_parameters(remove_duplicate=False),
-            *self.model.named_buffers(remove_duplicate=False),
-        ]:
+        for name, _ in named_tensors(self.model, remove_duplicate=False):
             if not any(name.startswith(h + ".") for h in holes):
                 canonical = plan.entry(name).name
                 if canonical not in loaded:
@@ -251,14 +254,26 @@ def _promote_value(value: ir.Value) -> None:
         value.dtype = ir.DataType.FLOAT
 
 
-def session(model: str | bytes):
+def session(model: str | bytes, weights_dir: str | None = None):
+    """An ONNX Runtime session on a model file, or on model bytes whose external data ONNX
+    Runtime resolves itself, relative to `weights_dir` (with its own checks: no absolute path,
+    nothing outside the directory, offsets inside the file)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     # Prepacking copies every MatMul weight into new buffers: twice the model in memory.
     options.add_session_config_entry("session.disable_prepacking", "1")
+    if weights_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", weights_dir)
     return ort.InferenceSession(model, options, providers=providers())
+
+
+def session_budget() -> int:
+    """Weight bytes one verification session may load: a quarter of this node's free memory."""
+    import psutil
+
+    return psutil.virtual_memory().available // 4
 
 
 def providers() -> list[str]:
@@ -287,8 +302,6 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
 
 
 def verify_global(
-    model_bytes: bytes,
-    check_models: dict[str, bytes],
     plan: Plan,
     output_dir: str,
     inputs: ExampleInputs,
@@ -296,18 +309,28 @@ def verify_global(
     atol: float,
     rtol: float,
     promote: bool,
+    max_session_bytes: int | None = None,
 ) -> list[CheckResult]:
-    """Run the stitched program in ONNX Runtime, streamed, and compare its outputs with PyTorch's.
+    """Run ``model.onnx`` as saved in ONNX Runtime and compare its outputs with PyTorch's.
 
-    One session over the whole model would load every weight (ONNX Runtime copies external
-    data into its own memory). Instead the main graph runs in order as segments: the trunk
-    nodes between two block calls form one small model, each block call runs its function's
-    check model; every segment and call is fed its weights from the shards just before it runs.
-    Memory is about one block's weights plus the activations.
+    ONNX Runtime itself resolves every external-data reference of the file (location, offset,
+    length): shardex reads no weight. When the weights fit `max_session_bytes` (default
+    `session_budget()`), one session runs the whole file (a float32-promoted copy of it where
+    the export is bf16/fp16, its initializers still references into the shards). Otherwise the
+    main graph runs in order as segments of at most that many weight bytes, each a small model
+    whose initializers are the file's own references; every tensor is loaded at least once and
+    memory stays about one segment's weights plus the activations. A flat (inlined) graph is
+    run as written, like one with block functions.
     """
-    runner = onnx_runner(model_bytes, check_models, plan, output_dir, promote)
-    feeds = {name: _to_numpy(t) for name, t in zip(runner.input_names, inputs.flat_tensors())}
-    actual = runner.run(feeds)
+    runner = SavedModelRunner(output_dir, promote, max_session_bytes)
+    tensors = inputs.flat_tensors()
+    if promote:  # the promoted graph takes float32 where the export takes bf16/fp16
+        tensors = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
+    feeds = {name: _to_numpy(t) for name, t in zip(runner.input_names, tensors)}
+    try:
+        actual = runner.run(feeds)
+    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+        return [_runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
     if len(actual) != len(reference):
         return [
             CheckResult(
@@ -324,81 +347,78 @@ def verify_global(
     ]
 
 
-def onnx_runner(
-    model_bytes: bytes, check_models: dict[str, bytes], plan: Plan, output_dir: str, promote: bool
-):
-    """The stitched program in ONNX Runtime, streamed (see `verify_global`): an object with
-    `input_names`, `output_names` and `run(feeds) -> outputs`, reusable across calls."""
-    model = ir.serde.deserialize_model(onnx.ModelProto.FromString(model_bytes))
-    if promote:
-        for graph_like in [model.graph, *model.functions.values()]:
-            _promote_graph(graph_like)
-    return _StreamedRunner(model, check_models, plan, output_dir, promote)
+class SavedModelRunner:
+    """``model.onnx`` as saved, in ONNX Runtime, reusable across calls (generation steps): one
+    session on the file when its weights fit `max_session_bytes` (default `session_budget()`)
+    and no promotion is needed, else the main graph in segments (`_SegmentedRunner`). ONNX
+    Runtime resolves every external-data reference itself either way."""
 
-
-class _StreamedRunner:
-    def __init__(
-        self, model: ir.Model, check_models: dict[str, bytes], plan: Plan, output_dir: str, promote: bool
-    ) -> None:
-        self.model = model
-        self.plan = plan
-        self.output_dir = output_dir
-        self.promote = promote
-        self.check_models = check_models
-        self.sessions: dict[str, object] = {}
-        self.functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+    def __init__(self, output_dir: str, promote: bool, max_session_bytes: int | None = None) -> None:
+        path = os.path.join(output_dir, MODEL_FILE)
+        model = ir.load(path)  # initializers stay references into the shards
         self.input_names = [v.name for v in model.graph.inputs]
         self.output_names = [v.name for v in model.graph.outputs]
+        budget = session_budget() if max_session_bytes is None else max_session_bytes
+        weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if _is_external(v))
+        if weights <= budget and not promote:
+            self.session, self.segments = session(path), None
+        else:
+            self.session, self.segments = None, _SegmentedRunner(model, output_dir, promote, budget)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        graph = self.model.graph
+        if self.session is not None:
+            return self.session.run(None, feeds)
+        return self.segments.run(feeds)
+
+
+def _is_external(value: ir.Value) -> bool:
+    return value.is_initializer() and isinstance(value.const_value, ir.ExternalTensor)
+
+
+def _runtime_failure(what: str, error: Exception, atol: float, rtol: float) -> CheckResult:
+    first = (str(error).strip().splitlines() or [""])[0]
+    message = f"ONNX Runtime cannot run {what}: {type(error).__name__}: {first}"
+    return CheckResult(what, float("inf"), float("inf"), atol, rtol, False, error=message)
+
+
+class _SegmentedRunner:
+    """Runs a saved model's main graph in order, as segments of at most `budget` weight bytes.
+    Each segment is cut (and, for a promoted graph, given its upcasts) once and kept as a small
+    model whose initializers are the file's references; a session is opened per segment and
+    run, then dropped, so memory stays one segment's weights. Reusable across runs."""
+
+    def __init__(self, model: ir.Model, output_dir: str, promote: bool, budget: int) -> None:
+        self.output_dir = output_dir
+        self.output_names = [v.name for v in model.graph.outputs]
+        if promote:
+            for graph_like in [model.graph, *model.functions.values()]:
+                _promote_graph(graph_like)
+        functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+        self.segments = [
+            _Segment(model, nodes, functions, promote) for nodes in _segments(model.graph, budget)
+        ]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         env = dict(feeds)
-        segment: list[ir.Node] = []
-        for node in graph:
-            if node.domain == BLOCK_DOMAIN:
-                self._run_segment(segment, env)
-                segment = []
-                self._run_call(node, env)
-            else:
-                segment.append(node)
-        self._run_segment(segment, env)
-        return [env[v.name] for v in graph.outputs]
+        for segment in self.segments:
+            segment.run(env, self.output_dir)
+        return [env[name] for name in self.output_names]
 
-    def _weight(self, name: str) -> np.ndarray:
-        return _read_shard_tensor(self.plan, self.output_dir, name)
 
-    def _run_call(self, node: ir.Node, env: dict[str, np.ndarray]) -> None:
-        if node.op_type not in self.sessions:
-            self.sessions[node.op_type] = session(self.check_models[node.op_type])
-        sess = self.sessions[node.op_type]
-        values = [env[v.name] if v.name in env else self._weight(v.name) for v in node.inputs]
-        feeds = {
-            meta.name: value.astype(_ort_numpy_dtype(meta.type), copy=False)
-            for meta, value in zip(sess.get_inputs(), values)
-        }
-        for value, result in zip(node.outputs, sess.run(None, feeds)):
-            env[value.name] = result
+class _Segment:
+    """A run of main-graph nodes as a standalone model over the file's own weight references."""
 
-    def _run_segment(self, nodes: list[ir.Node], env: dict[str, np.ndarray]) -> None:
-        if not nodes:
-            return
-        graph = self.model.graph
+    def __init__(self, model: ir.Model, nodes: list[ir.Node], functions: list, promote: bool) -> None:
+        graph = model.graph
         inside = {id(n) for n in nodes}
         produced = {id(v) for n in nodes for v in n.outputs}
-        inputs, constants, seen = [], [], set()
+        inputs, initializers, seen = [], [], set()
         for n in nodes:
             for v in n.inputs:
                 if v is None or id(v) in produced or id(v) in seen:
                     continue
                 seen.add(id(v))
-                if (
-                    v.name not in env
-                    and v.is_initializer()
-                    and not isinstance(v.const_value, ir.ExternalTensor)
-                ):
-                    constants.append(v)  # small constant stored in the graph itself
-                else:
-                    inputs.append(v)
+                (initializers if v.is_initializer() else inputs).append(v)
         graph_outputs = {id(v) for v in graph.outputs}
         outputs = [
             v
@@ -406,29 +426,77 @@ class _StreamedRunner:
             for v in n.outputs
             if id(v) in graph_outputs or any(id(use.node) not in inside for use in v.uses())
         ]
-        if not outputs:
-            return
+        self.input_names = [v.name for v in inputs]
+        self.output_names = [v.name for v in outputs]
+        casts = _upcast(initializers, nodes) if promote else []
         view = ir.GraphView(
-            inputs, outputs, nodes=nodes, initializers=constants, opset_imports=graph.opset_imports
+            inputs,
+            outputs,
+            nodes=[*casts, *nodes],
+            initializers=initializers,
+            opset_imports=graph.opset_imports,
         )
-        proto = ir.serde.serialize_graph(view)
-        feeds = {v.name: env[v.name] if v.name in env else self._weight(v.name) for v in inputs}
-        for value_info in proto.input:  # types from the actual arrays (promotion changed some)
-            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
-                feeds[value_info.name].dtype
-            )
-            value_info.type.tensor_type.ClearField("shape")
-        for value_info in proto.output:
-            value_info.type.tensor_type.ClearField("shape")
-        model = onnx.helper.make_model(
-            proto,
+        self.proto = onnx.helper.make_model(
+            ir.serde.serialize_graph(view),
             opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in graph.opset_imports.items()],
-            functions=self.functions,
-            ir_version=self.model.ir_version,
+            functions=functions,
+            ir_version=model.ir_version,
         )
-        results = session(model.SerializeToString()).run(None, feeds)
-        for value, result in zip(outputs, results):
-            env[value.name] = result
+        for value_info in [*self.proto.graph.input, *self.proto.graph.output]:
+            value_info.type.tensor_type.ClearField("shape")
+        self.typed: bytes | None = None
+
+    def run(self, env: dict[str, np.ndarray], output_dir: str) -> None:
+        if not self.output_names:
+            return
+        feeds = {name: env[name] for name in self.input_names}
+        if self.typed is None:  # input types from the first arrays fed (promotion changed some)
+            for value_info in self.proto.graph.input:
+                value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                    feeds[value_info.name].dtype
+                )
+            self.typed = self.proto.SerializeToString()
+        env.update(zip(self.output_names, session(self.typed, output_dir).run(None, feeds)))
+
+
+def _segments(graph: ir.Graph, budget: int) -> list[list[ir.Node]]:
+    """The main graph's nodes in order, cut so that each run of nodes uses at most `budget`
+    bytes of external weights (a node needing more runs alone)."""
+    segments: list[list[ir.Node]] = []
+    current: list[ir.Node] = []
+    loaded: set[int] = set()
+    size = 0
+    for node in graph:
+        weights = {id(v): v.const_value.nbytes for v in node.inputs if v is not None and _is_external(v)}
+        extra = sum(n for i, n in weights.items() if i not in loaded)
+        if current and size + extra > budget:
+            segments.append(current)
+            current, loaded, size = [], set(), 0
+            extra = sum(weights.values())
+        current.append(node)
+        loaded |= weights.keys()
+        size += extra
+    if current:
+        segments.append(current)
+    return segments
+
+
+def _upcast(initializers: list[ir.Value], nodes: list[ir.Node]) -> list[ir.Node]:
+    """In a promoted segment, low-precision weights stay as stored (ONNX Runtime reads them from
+    the shards) and a Cast feeds their exact float32 value to the segment's `nodes`."""
+    casts = []
+    for value in initializers:
+        if value.dtype not in LOW_ONNX_TYPES:
+            continue
+        cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)])
+        upcast = cast.outputs[0]
+        upcast.name, upcast.dtype, upcast.shape = f"{value.name}.float32", ir.DataType.FLOAT, value.shape
+        for node in nodes:
+            for index, input_ in enumerate(node.inputs):
+                if input_ is value:
+                    node.replace_input_with(index, upcast)
+        casts.append(cast)
+    return casts
 
 
 def block_check_model(model: ir.Model, plan: Plan, group: BlockGroup, promote: bool) -> bytes:
@@ -465,19 +533,28 @@ def verify_block_group(
     atol: float,
     rtol: float,
 ) -> list[CheckResult]:
-    """Each member's ONNX function (weights read back from the shards) vs its PyTorch outputs."""
-    sess = session(check_model)
-    input_meta = sess.get_inputs()
+    """Each member's ONNX function vs its PyTorch outputs. The weights are the member's
+    initializers in ``model.onnx`` as saved (references into the shards, resolved by ONNX
+    Runtime), bound to the check model's weight inputs: one session per member."""
+    saved = _saved_initializers(output_dir)
+    data_inputs = len(group.call.inputs)
     results = []
     for path in group.members:
         if path not in boundaries:
             continue
         data, expected = boundaries[path]
-        weights = [_read_shard_tensor(plan, output_dir, f"{path}.{n}") for n in group.weight_names]
-        feeds = {}
-        for meta, value in zip(input_meta, [*data, *weights]):
-            feeds[meta.name] = value.astype(_ort_numpy_dtype(meta.type), copy=False)
-        actual = sess.run(None, feeds)
+        names = [plan.entry(f"{path}.{n}").name for n in group.weight_names]
+        model = _bind_weights(check_model, data_inputs, [saved[n] for n in names])
+        try:
+            sess = session(model, output_dir)
+            feeds = {
+                meta.name: value.astype(numpy_dtype(meta.type), copy=False)
+                for meta, value in zip(sess.get_inputs(), data)
+            }
+            actual = sess.run(None, feeds)
+        except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+            results.append(_runtime_failure(f"block {path}", e, atol, rtol))
+            continue
         checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
         worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
         results.append(worst)
@@ -485,42 +562,48 @@ def verify_block_group(
     return results
 
 
-def _read_shard_tensor(plan: Plan, output_dir: str, name: str) -> np.ndarray:
-    entry = plan.entry(name)
-    dtype = getattr(torch, entry.dtype)
-    location = TensorLocation(
-        os.path.join(output_dir, entry.shard),
-        entry.offset,
-        entry.nbytes,
-        TORCH_TO_SAFETENSORS[dtype],
-        entry.shape,
-    )
-    tensor = read_tensor(location)
-    return _to_numpy(tensor.float() if dtype in LOW_PRECISION else tensor)
+def _saved_initializers(output_dir: str) -> dict[str, onnx.TensorProto]:
+    """The initializers of ``model.onnx`` as written: their external-data references, no data."""
+    proto = onnx.load(os.path.join(output_dir, MODEL_FILE), load_external_data=False)
+    return {t.name: t for t in proto.graph.initializer}
 
 
-def _ort_numpy_dtype(ort_type: str) -> np.dtype:
-    names = {
-        "tensor(float)": np.float32,
-        "tensor(double)": np.float64,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-        "tensor(bool)": np.bool_,
-        "tensor(float16)": np.float16,
-        "tensor(int8)": np.int8,
-        "tensor(uint8)": np.uint8,
-    }
-    return np.dtype(names.get(ort_type, np.float32))
+def _bind_weights(check_model: bytes, data_inputs: int, weights: list[onnx.TensorProto]) -> bytes:
+    """The check model with its weight inputs replaced by the saved initializers (a Cast where
+    the check model was promoted to float32 and the stored weight is bf16/fp16)."""
+    model = onnx.ModelProto.FromString(check_model)
+    graph = model.graph
+    weight_inputs = list(graph.input[data_inputs:])
+    del graph.input[data_inputs:]
+    casts = []
+    for value_info, stored in zip(weight_inputs, weights):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(stored)
+        wanted = value_info.type.tensor_type.elem_type
+        if tensor.data_type == wanted:
+            tensor.name = value_info.name
+        else:
+            tensor.name = f"{value_info.name}.stored"
+            casts.append(onnx.helper.make_node("Cast", [tensor.name], [value_info.name], to=wanted))
+        graph.initializer.append(tensor)
+    nodes = [*casts, *graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model.SerializeToString()
 
 
 def format_failure(report: VerificationReport) -> str:
     hashes = (
-        f"; shard(s) {', '.join(report.shard_hash_mismatches)} no longer match their sha256 in the manifest"
+        f"; {', '.join(report.shard_hash_mismatches)} no longer match(es) its sha256 in the manifest "
+        "(changed since the export)"
         if report.shard_hash_mismatches
         else ""
     )
     if not report.failures:
         return f"verification failed{hashes}."
+    broken = next((c.error for c in report.failures if c.error), None)
+    if broken:
+        return f"verification failed: {broken}{hashes}."
     worst = max(report.failures, key=lambda c: c.max_abs_diff)
     blocks = [c.name for c in report.blocks if not c.passed]
     where = f"block(s) {', '.join(blocks[:5])}" if blocks else worst.name

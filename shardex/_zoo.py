@@ -43,8 +43,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from shardex._errors import OptionsError, ShardexError
-from shardex._export import load_manifest
 from shardex._hub import looks_like_repo_id
+from shardex._output import load_manifest, write_atomic
 from shardex._report import REPORT_FILE, human_bytes, human_count, summarize
 from shardex._weights import file_sha256
 
@@ -373,13 +373,13 @@ def _read_results(out: str) -> list[dict]:
 def write_results(results: list[ModelResult], out: str, *, finished: bool) -> None:
     """Write zoo.json (every field) and zoo.md (the table, with links to each model's report)."""
     data = {"finished": finished, "models": [dataclasses.asdict(r) for r in results]}
-    _write_atomic(os.path.join(out, RESULTS_JSON), json.dumps(data, indent=2))
+    write_atomic(os.path.join(out, RESULTS_JSON), json.dumps(data, indent=2))
     rows = [
         [f"[{r.name}]({r.name}/{REPORT_FILE})" if _has_report(r) else r.name, *_cells(r)] for r in results
     ]
     table = _markdown_table(COLUMNS, [[cell.replace("|", "\\|") for cell in row] for row in rows])
     title = "# shardex zoo" + ("" if finished else " (unfinished)")
-    _write_atomic(os.path.join(out, RESULTS_MARKDOWN), f"{title}\n\n{table}\n")
+    write_atomic(os.path.join(out, RESULTS_MARKDOWN), f"{title}\n\n{table}\n")
 
 
 COLUMNS = ["model", "status", "params", "time", "size", "max diff", "error"]
@@ -413,10 +413,3 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)

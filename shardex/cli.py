@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         except shardex.ShardexError as e:
             return _fail(args, EXIT_INTERNAL, str(e))
         except Exception as e:
-            message = f"internal error: {type(e).__name__}: {e}"
+            first = (str(e).strip().splitlines() or [""])[0]
+            message = f"internal error: {type(e).__name__}: {first}"
             return _fail(
                 args, EXIT_INTERNAL, message if args.debug else f"{message} (--debug shows the traceback)"
             )

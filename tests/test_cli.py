@@ -92,7 +92,7 @@ def test_corrupt_shard_fails_verification_with_exit_1(llama_export, tmp_path):
 
     assert result.returncode == 1, result.stderr
     assert error_lines(result)[-1].startswith("shardex: error: verification failed")
-    assert f"shard sha256 changed: {name}" in result.stdout
+    assert f"sha256 changed: {name}" in result.stdout
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["status"] == "verification_failed"
     assert "FAILED" in (copy / "report.html").read_text()

@@ -16,10 +16,12 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -265,6 +267,72 @@ def test_storage_probe_names_the_node_that_cannot_see_the_output(two_nodes, tmp_
     for message in (results["node_local"], results["read_only"], results["source"]):
         assert "\n" not in message and worker[:8] in message and "same path" in message, message
     assert os.listdir(shared) == [], "the probe left files behind"
+
+
+def kill_first_probe(timeout: float = 120) -> str | None:
+    """SIGKILL (by PID) the first Ray worker of this process tree running a storage probe."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.Process().children(recursive=True):
+            try:
+                title = " ".join(process.cmdline())
+            except psutil.Error:
+                continue
+            if title.startswith("ray::probe"):
+                os.kill(process.pid, signal.SIGKILL)
+                return title
+        time.sleep(0.01)
+    return None
+
+
+def test_storage_probe_worker_killed_is_retried(two_nodes, tmp_path):
+    """A probe whose worker dies is rerun, and the check passes: no "install shardex" verdict
+    for a worker that merely died. The source is a FIFO: a probe opening it waits for a writer,
+    which gives the test all the time it needs to kill one."""
+    shared = tmp_path / "shared_out"
+    shared.mkdir()
+    source = tmp_path / "model.safetensors"
+    os.mkfifo(source)
+    cases = {"shared": (str(shared), [str(source)])}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(PROBE), two_nodes.address, json.dumps(cases)],
+        env=two_nodes.env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        killed = kill_first_probe()
+        writer = os.open(source, os.O_RDWR)  # a reader and a writer: every probe's open returns
+        try:
+            stdout, stderr = driver.communicate(timeout=300)
+        finally:
+            os.close(writer)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    assert killed, "no probe was seen to kill"
+    assert driver.returncode == 0, stderr[-4000:]
+    assert json.loads(stdout.strip().splitlines()[-1])["results"] == {"shared": None}
+
+
+def test_probe_failure_blames_a_missing_module_only_when_one_is_missing(ray_local, tmp_path, monkeypatch):
+    """A real task whose module the workers cannot import, next to a worker that died."""
+    import ray
+
+    (tmp_path / "only_on_the_driver.py").write_text("def probe():\n    return None\n")
+    monkeypatch.syspath_prepend(tmp_path)  # the workers' import path was fixed when Ray started
+    only_on_the_driver = importlib.import_module("only_on_the_driver")
+    with pytest.raises(ray.exceptions.RayTaskError) as caught:
+        ray.get(ray.remote(num_cpus=0, max_retries=0)(only_on_the_driver.probe).remote())
+    at = node("n")
+    missing = _ray.probe_failure(at, caught.value)
+    assert "cannot import 'only_on_the_driver'" in missing and _cluster.INSTALL_FIX in missing
+    died = _ray.probe_failure(at, ray.exceptions.WorkerCrashedError())
+    assert "install" not in died and "after 2 retries: WorkerCrashedError: The worker died" in died
+    assert "\n" not in missing and "\n" not in died
 
 
 JOIN = """

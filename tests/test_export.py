@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import onnx
+import onnx_ir
 import pytest
 import torch
 
@@ -180,15 +181,17 @@ def test_inline_gives_flat_graph_with_same_outputs(tmp_path):
     assert shardex.verify(tmp_path / "flat").passed  # re-verification rebuilds the function form
 
 
-def corrupt_tensor(out, name: str) -> None:
-    """Scale one stored float32 tensor in place, as a bad disk or a bad conversion would."""
+def corrupt_tensor(out, name: str, dtype=np.float32) -> None:
+    """Damage one stored tensor in place, as a bad disk or a bad conversion would: float32
+    values scaled, other element types (`dtype` of the same width) bit-flipped."""
     info = external_initializers(out / "model.onnx")[name]
     path, offset, length = out / info["location"], int(info["offset"]), int(info["length"])
     with open(path, "r+b") as f:
         f.seek(offset)
-        values = np.frombuffer(f.read(length), dtype=np.float32) * 3.0 + 0.5
+        values = np.frombuffer(f.read(length), dtype=dtype)
+        values = values * 3.0 + 0.5 if dtype == np.float32 else values ^ 0x4000
         f.seek(offset)
-        f.write(values.astype(np.float32).tobytes())
+        f.write(values.astype(dtype).tobytes())
 
 
 def test_corrupted_weight_is_pinned_to_its_block(tmp_path):
@@ -258,3 +261,36 @@ def test_zero_copy_points_into_the_source_files(tmp_path):
     assert shardex.verify(out).passed
     with pytest.raises(shardex.PlanError, match="zero_copy cannot convert"):
         shardex.export(ckpt, tmp_path / "converted", zero_copy=True, dtype="float16")
+
+
+def test_global_check_streams_the_saved_file_in_segments(tmp_path):
+    """With a session budget below the model's weights, the saved model.onnx runs as segments
+    whose initializers are the file's own references, each resolved by ONNX Runtime: the result
+    matches PyTorch, a damaged tensor is caught, and a truncated shard is reported in one line."""
+    from shardex._export import plan_export
+    from shardex._source import resolve_source
+    from shardex._verify import _segments, reference_run, verify_global
+
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=3, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, verify=False)
+    options = shardex.load_manifest(out)["options"]
+    plan, memory = plan_export(resolve_source(ckpt), options, None, None, None)
+    inputs = plan.example.resized()
+    reference = reference_run(plan, memory, inputs).outputs
+    block_bytes = sum(plan.entry(f"model.layers.0.{n}").nbytes for n in plan.groups[0].weight_names)
+    graph = onnx_ir.load(out / "model.onnx").graph
+    assert len(_segments(graph, block_bytes)) > 4  # embedding, each layer, norm and head apart
+
+    def check() -> list:
+        return verify_global(plan, os.fspath(out), inputs, reference, 5e-2, 5e-2, True, block_bytes)
+
+    assert all(c.passed for c in check())
+    corrupt_tensor(out, "lm_head.weight", dtype=np.uint16)
+    failed = {c.name for c in check() if not c.passed}
+    assert failed == {"output:logits"}  # the KV cache does not go through the LM head
+    shard = out / external_initializers(out / "model.onnx")["model.norm.weight"]["location"]
+    os.truncate(shard, 10)
+    (failure,) = check()
+    assert not failure.passed and "ONNX Runtime cannot run model.onnx" in failure.error
+    assert "\n" not in failure.error

@@ -13,7 +13,7 @@ import os
 import sys
 
 from shardex._errors import ShardexError, VerificationError
-from shardex._export import MANIFEST_FILE, load_manifest
+from shardex._output import MANIFEST_FILE, load_manifest
 from shardex._report import format_summary, summarize, write_report
 
 EXIT_OK = 0

@@ -16,6 +16,7 @@ from shardex._commands import (
     add_ray_flags,
     finish_with_manifest,
 )
+from shardex._dtypes import BY_NAME
 from shardex._report import REPORT_FILE
 from shardex._tasks import RUNTIMES, TASKS
 
@@ -40,14 +41,6 @@ ZOO_CONTROLLED = frozenset(
     {"source", "output", "overwrite", "resume", "address", "json", "quiet", "verbose", "debug"}
 )
 
-INPUT_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-}
 INPUT_SPEC = re.compile(
     r"(?P<name>[A-Za-z_]\w*)=(?P<dims>\d+(?:x\d+)*)(?::(?P<dtype>\w+))?(?::(?P<high>\d+))?"
 )
@@ -118,7 +111,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="an example keyword input to trace with, repeatable: floats are drawn from a normal distribution, "
         "integers from [0, HIGH) (HIGH required), seed 0; DTYPE is one of "
-        f"{', '.join(INPUT_DTYPES)} (default float32); e.g. --input x=2x16 --input ids=2x8:int64:32000",
+        f"{', '.join(BY_NAME)} (default float32); e.g. --input x=2x16 --input ids=2x8:int64:32000",
     )
     model.add_argument(
         "--dynamic-axes",
@@ -277,10 +270,10 @@ def example_inputs(specs: list[str]) -> dict[str, torch.Tensor] | None:
         name, dtype_name, high = match["name"], match["dtype"] or "float32", match["high"]
         if name in inputs:
             raise UsageError(f"--input {name} is given twice; give each input once.")
-        dtype = INPUT_DTYPES.get(dtype_name)
+        dtype = BY_NAME.get(dtype_name)
         if dtype is None:
             raise UsageError(
-                f"--input {spec}: dtype must be one of {', '.join(INPUT_DTYPES)}, got {dtype_name!r}."
+                f"--input {spec}: dtype must be one of {', '.join(BY_NAME)}, got {dtype_name!r}."
             )
         shape = [int(d) for d in match["dims"].split("x")]
         if dtype.is_floating_point:

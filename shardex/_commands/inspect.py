@@ -13,14 +13,13 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from shardex._commands import EXIT_CODES_HELP, EXIT_OK, UsageError, add_output_flags, load_export, print_json
+from shardex._dtypes import onnx_type_name
 from shardex._report import SOURCE_KINDS, human_bytes, worst_output_diff
 
 EXAMPLES = """\
 examples:
   shardex inspect out/llama
   shardex inspect out/llama --json | jq '.functions[].calls'"""
-
-ONNX_TYPE_NAMES = {"FLOAT": "float32", "DOUBLE": "float64"}  # else the ONNX name, lower case
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +66,7 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
         "created": manifest.get("created"),
         "source": manifest["source"],
         "parameters": manifest["parameters"],
+        "code": _code_requests(manifest),
         "ir_version": model.ir_version,
         "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
         "inputs": [_value(v) for v in graph.input],
@@ -93,6 +93,17 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
     }
 
 
+def _code_requests(manifest: dict) -> list[str]:
+    """What code the manifest says the export ran: reported, never run by inspect or verify."""
+    requests = []
+    if manifest["source"]["kind"] == "factory":
+        location = manifest["source"]["location"]
+        requests.append(f"factory {location} (verify imports it only with --factory {location})")
+    if manifest.get("options", {}).get("trust_remote_code"):
+        requests.append("the checkpoint's own code (verify runs it only with --trust-remote-code)")
+    return requests
+
+
 def _external_location(tensor: onnx.TensorProto) -> str:
     return next(e.value for e in tensor.external_data if e.key == "location")
 
@@ -110,9 +121,8 @@ def _type_text(type_proto: onnx.TypeProto) -> str:
     if not type_proto.HasField("tensor_type"):
         return "?"
     tensor = type_proto.tensor_type
-    name = onnx.TensorProto.DataType.Name(tensor.elem_type)
     dims = [d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
-    return f"{ONNX_TYPE_NAMES.get(name, name.lower())}[{', '.join(dims)}]"
+    return f"{onnx_type_name(tensor.elem_type)}[{', '.join(dims)}]"
 
 
 def _function(function: onnx.FunctionProto, graph: onnx.GraphProto, group: dict | None) -> dict:
@@ -137,6 +147,7 @@ def format_description(d: dict) -> str:
         f"{d['output_dir']}: {d['format']} export, {d['status']}, created {d['created']}",
         f"source      {source['location']} ({SOURCE_KINDS.get(source['kind'], source['kind'])}), "
         f"{d['parameters']:,} parameters",
+        *_labelled("code", d["code"]),
         f"model       {d['model']['file']} {human_bytes(d['model']['bytes'])}, IR {d['ir_version']}, opsets "
         + ", ".join(f"{k} {v}" for k, v in d["opsets"].items()),
         *_labelled("inputs", [f"{v['name']}: {v['type']}" for v in d["inputs"]]),

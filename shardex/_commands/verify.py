@@ -17,10 +17,13 @@ EXAMPLES = """\
 examples:
   shardex verify out/llama
   shardex verify out/llama --atol 1e-3 --address auto
+  shardex verify out/mlp --factory mypkg.models:build
 
-Checks every shard's sha256 against the manifest, then runs the source model in PyTorch and the
-export in ONNX Runtime on the example inputs saved with the export (grown along their dynamic
-axes), comparing the outputs and each block's outputs. The manifest and report are updated."""
+Checks model.onnx's sha256 against the manifest, runs the source model in PyTorch and the saved
+files in ONNX Runtime (which resolves every weight reference itself) on the example inputs saved
+with the export (grown along their dynamic axes), comparing the outputs and each block's outputs,
+and checks every shard's sha256. The manifest and report are updated. Code is imported only when
+named on this command line (--factory, --trust-remote-code), never because the manifest says so."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -33,6 +36,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("output", metavar="OUT", help="the output directory of `shardex export`")
+    parser.add_argument(
+        "--factory",
+        metavar="PACKAGE.MODULE:FUNCTION",
+        help="the factory to import for an export of a factory model, e.g. --factory mypkg.models:build; "
+        "never taken from the manifest (a downloaded export cannot make shardex run its code)",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the checkpoint's own Python code (auto_map), as `export --trust-remote-code` did; never "
+        "taken from the manifest",
+    )
     parser.add_argument(
         "--atol", type=float, help="absolute tolerance, e.g. --atol 1e-3 (default: by compute dtype)"
     )
@@ -62,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
             verify_tokens=args.verify_tokens,
             address=args.address,
             workers=args.workers,
+            factory=args.factory,
+            trust_remote_code=args.trust_remote_code,
         )
     except shardex.VerificationError as e:
         return finish_with_manifest(args, args.output, heading="verified", failure=e)
