@@ -233,7 +233,7 @@ def _copy_piece(fd: int, entry: TensorEntry, piece: Piece) -> None:
             )
             flat = torch.frombuffer(raw, dtype=source_dtype)
             block = flat.as_strided([n for n, _, _ in inner], [s for _, s, _ in inner]).to(target_dtype)
-            data = memoryview(block.contiguous().view(torch.uint8).numpy())
+            data = memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B")
             step = run * target_dtype.itemsize
             for i, (_, at) in enumerate(_positions(runs_outer, 0, dst_el)):
                 _pwrite_all(fd, data[i * step : (i + 1) * step], entry.offset + at * target_dtype.itemsize)
@@ -261,6 +261,7 @@ def _positions(axes: list[tuple[int, int, int]], source_start: int, target_start
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")  # bytes: a tensor's view has its shape, and slicing would cut rows
     while data:
         n = os.pwrite(fd, data, offset)
         data = data[n:]
