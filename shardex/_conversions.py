@@ -133,11 +133,13 @@ def _resolve_transformers(model, checkpoint: dict[str, TensorLocation]) -> dict[
             )
         if renamed not in model_state:
             continue
-        if pattern is not None:
-            mapping, keys = mappings.setdefault(renamed, (copy.deepcopy(by_pattern[pattern]), []))
-        else:
-            mapping, keys = mappings.setdefault(renamed, (WeightRenaming(key, renamed), []))
-            pattern = key
+        if renamed not in mappings:  # each target gets its own transform, as in transformers
+            fresh = (
+                copy.deepcopy(by_pattern[pattern]) if pattern is not None else WeightRenaming(key, renamed)
+            )
+            mappings[renamed] = (fresh, [])
+        mapping, keys = mappings[renamed]
+        pattern = pattern if pattern is not None else key
         keys.append(key)
         mapping.add_tensor(renamed, key, pattern, functools.partial(_Symbolic.of, checkpoint[key]))
     resolved = {}
