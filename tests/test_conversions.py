@@ -23,72 +23,41 @@ from shardex._verify import _WeightLoader
 from shardex._weights import link_shard, write_shard
 
 COMMON = dict(
-    vocab_size=128,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
+    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64
 )
+EXPERTS = dict(num_experts_per_tok=2, num_key_value_heads=2)
+# family -> (transformers config class, its settings on top of COMMON)
+CONFIGS = {
+    "mixtral": ("MixtralConfig", EXPERTS | dict(intermediate_size=48, num_local_experts=4)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        EXPERTS
+        | dict(
+            intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4
+        ),
+    ),
+    "olmoe": ("OlmoeConfig", EXPERTS | dict(intermediate_size=24, num_experts=4, eos_token_id=None)),
+    # a dense first layer, then MoE layers with shared experts; multi-head latent attention
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        EXPERTS
+        | dict(num_key_value_heads=4, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4)
+        | dict(n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+        | dict(kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    ),
+    "gpt_neox": ("GPTNeoXConfig", dict(intermediate_size=64, eos_token_id=None, bos_token_id=None)),
+    "gpt_oss": (
+        "GptOssConfig",
+        EXPERTS | dict(intermediate_size=24, num_local_experts=4, head_dim=8, sliding_window=8),
+    ),
+}
 
 
 def tiny_config(family: str):
     import transformers
 
-    if family == "mixtral":
-        return transformers.MixtralConfig(
-            **COMMON, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2
-        )
-    if family == "qwen2_moe":
-        return transformers.Qwen2MoeConfig(
-            **COMMON,
-            intermediate_size=48,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=40,
-            num_experts=4,
-            num_experts_per_tok=2,
-        )
-    if family == "olmoe":
-        return transformers.OlmoeConfig(
-            **COMMON, intermediate_size=24, num_experts=4, num_experts_per_tok=2, eos_token_id=None
-        )
-    if family == "deepseek_v3":  # a dense first layer, then MoE layers with shared experts
-        return transformers.DeepseekV3Config(
-            **(COMMON | {"num_key_value_heads": 4}),
-            intermediate_size=48,
-            moe_intermediate_size=24,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            n_shared_experts=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=16,
-            q_lora_rank=24,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            n_group=1,
-            topk_group=1,
-        )
-    if family == "gpt_neox":
-        return transformers.GPTNeoXConfig(
-            vocab_size=128,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            eos_token_id=None,
-            bos_token_id=None,
-        )
-    assert family == "gpt_oss"
-    return transformers.GptOssConfig(
-        **COMMON,
-        intermediate_size=24,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        head_dim=8,
-        sliding_window=8,
-    )
+    name, settings = CONFIGS[family]
+    return getattr(transformers, name)(**COMMON, **settings)
 
 
 def tiny_model(family: str, seed: int = 0):
@@ -165,7 +134,7 @@ def assert_matches_from_pretrained(ckpt, plan, memory, out, dtype=None) -> None:
     assert set(loaded) <= covered
 
 
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_neox", "gpt_oss"]
+FAMILIES = list(CONFIGS)
 FUSED = {
     "mixtral": 2 * 2,  # gate_up_proj and down_proj in each of 2 layers
     "qwen2_moe": 2 * 2,
