@@ -129,7 +129,7 @@ def _remove_quietly(path: str) -> None:
 def _write_memory_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> None:
     data = tensor.detach().to("cpu", getattr(torch, entry.dtype)).contiguous()
     if data.numel():
-        _pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), entry.offset)
+        _pwrite_all(fd, memoryview(data.reshape(-1).view(torch.uint8).numpy()), entry.offset)
 
 
 def _copy_tensor(fd: int, entry: TensorEntry, location: TensorLocation) -> None:
