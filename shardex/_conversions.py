@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from shardex._dtypes import SAFETENSORS_BITS, SAFETENSORS_TO_TORCH
-from shardex._errors import PlanError
+from shardex._errors import PlanError, SourceError
 from shardex._source import TensorLocation, read_tensor
 
 
@@ -154,6 +154,11 @@ def _convert(mapping, first: str, model) -> dict:
     """Run transformers' own conversion of one target on symbolic tensors."""
     try:
         return mapping.convert(first, model=model, config=model.config)
+    except _Mismatch as e:
+        raise SourceError(
+            f"transformers cannot build {first!r} from the checkpoint with {_operations(mapping)}: {e}; "
+            "the checkpoint does not match its config (experts missing or of other sizes?)."
+        ) from None
     except Exception as e:
         operation = _failing_operation(e) or _operations(mapping)
         cause = (
@@ -259,9 +264,15 @@ def _row_major_strides(shape: Sequence[int]) -> list[int]:
 
 
 class _Unsupported(Exception):
+    """A torch call symbolic tensors cannot follow (it is not data movement)."""
+
     def __init__(self, operation: str) -> None:
         super().__init__(operation)
         self.operation = operation
+
+
+class _Mismatch(ValueError):
+    """The checkpoint's tensors do not fit together as the conversion expects."""
 
 
 class _Symbolic:
@@ -348,7 +359,7 @@ class _Symbolic:
 def _dim(x: _Symbolic, dim: int, extra: int = 0) -> int:
     n = x.ndim + extra
     if not -n <= dim < n:
-        raise IndexError(f"dim {dim} out of range for {n} dims")
+        raise _Mismatch(f"dim {dim} out of range for {n} dims")
     return dim % n
 
 
@@ -359,7 +370,7 @@ def _replace(piece: Piece, **fields) -> Piece:
 def _stack(tensors: Sequence[_Symbolic], dim: int = 0) -> _Symbolic:
     dim = _dim(tensors[0], dim, extra=1)
     if any(t.shape != tensors[0].shape for t in tensors):
-        raise ValueError(f"stack of different shapes {[list(t.shape) for t in tensors]}")
+        raise _Mismatch(f"stack of different shapes {[list(t.shape) for t in tensors]}")
     shape = [*tensors[0].shape[:dim], len(tensors), *tensors[0].shape[dim:]]
     pieces = [
         _replace(
@@ -380,7 +391,7 @@ def _cat(tensors: Sequence[_Symbolic], dim: int = 0) -> _Symbolic:
         len(t.shape) != len(shape) or _set(tuple(t.shape), dim, 0) != _set(tuple(shape), dim, 0)
         for t in tensors
     ):
-        raise ValueError(f"cat of mismatched shapes {[list(t.shape) for t in tensors]}")
+        raise _Mismatch(f"cat of mismatched shapes {[list(t.shape) for t in tensors]}")
     pieces, at = [], 0
     for t in tensors:
         pieces += [_replace(p, offset=_set(p.offset, dim, p.offset[dim] + at)) for p in t.pieces]
@@ -398,7 +409,7 @@ def _permute(x: _Symbolic, *dims) -> _Symbolic:
         dims = tuple(dims[0])
     order = [_dim(x, d) for d in dims]
     if sorted(order) != list(range(x.ndim)):
-        raise ValueError(f"permute({order}) of {x.ndim} dims")
+        raise _Mismatch(f"permute({order}) of {x.ndim} dims")
     new_index = {old: new for new, old in enumerate(order)}
     pieces = [
         _replace(
@@ -421,7 +432,7 @@ def _transpose(x: _Symbolic, dim0: int, dim1: int) -> _Symbolic:
 def _narrow(x: _Symbolic, dim: int, start: int, length: int) -> _Symbolic:
     dim = _dim(x, dim)
     if not 0 <= start <= start + length <= x.shape[dim]:
-        raise IndexError(f"narrow({dim}, {start}, {length}) of size {x.shape[dim]}")
+        raise _Mismatch(f"narrow({dim}, {start}, {length}) of size {x.shape[dim]}")
     pieces = []
     for p in x.pieces:
         if dim in p.dims:
@@ -454,7 +465,7 @@ def _split(x: _Symbolic, split_size_or_sections, dim: int = 0) -> tuple[_Symboli
     else:
         sizes = list(split_size_or_sections)
         if sum(sizes) != total:
-            raise ValueError(f"split sizes {sizes} do not add up to {total}")
+            raise _Mismatch(f"split sizes {sizes} do not add up to {total}")
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     return tuple(_narrow(x, dim, s, n) for s, n in zip(starts, sizes))
 
@@ -503,7 +514,7 @@ def _reshape(x: _Symbolic, *shape) -> _Symbolic:
         known = math.prod(s for s in shape if s != -1)
         shape = tuple(x.numel() // known if s == -1 else s for s in shape)
     if math.prod(shape) != x.numel():
-        raise ValueError(f"reshape of {list(x.shape)} to {list(shape)}")
+        raise _Mismatch(f"reshape of {list(x.shape)} to {list(shape)}")
     if tuple(shape) == tuple(x.shape):
         return x
     location = _as_location(x)

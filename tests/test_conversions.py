@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import shardex
 from shardex._conversions import Assembly, Piece, _Symbolic, read_source
@@ -298,13 +300,33 @@ def test_key_no_conversion_uses_is_reported(tmp_path):
     name in the file."""
     ckpt = saved("mixtral", tmp_path / "ckpt")
     path = ckpt / "model.safetensors"
-    from safetensors.torch import load_file
-
     tensors = load_file(path) | {"model.layers.0.block_sparse_moe.extra.weight": torch.ones(2)}
     save_file(tensors, path)
 
     with pytest.raises(SourceError, match=r"1 tensor\(s\) in the checkpoint are not in the model, e\.g\. "):
         plan_of(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("dropped", "expected"),
+    [
+        # every tensor of expert 3 gone: the fused tensor has 3 experts, the model wants 4
+        (r"experts\.3\.", r"'model\.layers\.0\.mlp\.experts\.gate_up_proj' has shape \[3, 96, 32\] .* as "),
+        # only its up projection gone: gate and up no longer concatenate
+        (
+            r"experts\.3\.w3",
+            r"transformers cannot build 'model\.layers\.0\.mlp\.experts\.gate_up_proj' .* cat of",
+        ),
+    ],
+)
+def test_missing_expert_is_one_line(dropped, expected, tmp_path):
+    ckpt = saved("mixtral", tmp_path / "ckpt")
+    path = ckpt / "model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if not re.search(dropped, k)}, path)
+
+    with pytest.raises(SourceError, match=expected) as error:
+        plan_of(ckpt)
+    assert "\n" not in str(error.value)
 
 
 def test_zero_copy_links_whole_tensors_and_copies_assembled_ones(tmp_path, caplog):
@@ -372,8 +394,6 @@ def test_pieces_place_elements_as_torch_does(case, target_dtype, tmp_path):
 
 
 def test_piece_is_plain_picklable_data():
-    import pickle
-
     location = TensorLocation("/x.safetensors", 100, 24, "F32", (2, 3))
     piece = Piece(location, (0, 1), (2, 2), (1, None), (4, 0))
     assert pickle.loads(pickle.dumps(Assembly((5, 2), (piece,), "op"))) == Assembly((5, 2), (piece,), "op")
