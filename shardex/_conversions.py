@@ -309,7 +309,11 @@ class _Symbolic:
 
     @property
     def dtype(self) -> torch.dtype:
-        return SAFETENSORS_TO_TORCH[self.pieces[0].source.dtype] if self.pieces else torch.float32
+        return (
+            SAFETENSORS_TO_TORCH.get(self.pieces[0].source.dtype, torch.uint8)
+            if self.pieces
+            else torch.float32
+        )
 
     @property
     def device(self) -> torch.device:
