@@ -271,17 +271,17 @@ def make_plan(
     skeleton = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
     names = _tensor_names(skeleton)
     hole_paths = find_holes(skeleton, block_pattern)
-    if task == TEXT_GENERATION_WITH_PAST:
-        layout = cache_layout(skeleton, _run_fake)
-        install_task(skeleton, task)
-        kwargs, dynamic_shapes = generation_example(skeleton, layout)
-    example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     memory = _memory_tensors(skeleton if module is None else module)
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
     _check_all_used(checkpoint, tensors, skeleton)
-    skeleton.to("meta")
+    skeleton.to("meta")  # the real buffers are in `memory`; from here on shapes only
+    if task == TEXT_GENERATION_WITH_PAST:
+        layout = cache_layout(skeleton, _run_fake)
+        install_task(skeleton, task)
+        kwargs, dynamic_shapes = generation_example(skeleton, layout)
+    example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     cache_layers = (
         {p: cache_layer_index(skeleton.get_submodule(p), i) for i, p in enumerate(hole_paths)}
         if task == TEXT_GENERATION_WITH_PAST
