@@ -131,13 +131,22 @@ def _translate_hole(inputs, key: str):
 
 class _HoleModule(nn.Module):
     """Stands in for a block in the trunk: flattens the call (in hole form: its layer of the KV
-    cache as tensors), emits one hole op, rebuilds the output and writes the present back."""
+    cache as tensors), emits one hole op, rebuilds the output and writes the present back.
+    Attributes the trunk reads off its blocks (ModernBERT's ``attention_type``) are the
+    block's own, read through."""
 
-    def __init__(self, key: str, call: CallSignature, cache_layer: int) -> None:
+    def __init__(self, key: str, call: CallSignature, cache_layer: int, block: nn.Module) -> None:
         super().__init__()
         self.key = key
         self.call = call
         self.cache_layer = cache_layer
+        object.__setattr__(self, "_block", block)  # not a submodule: its weights stay out of the trunk
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
 
     def forward(self, *args, **kwargs):
         args, kwargs, cache = split_cache(args, kwargs, self.cache_layer)
@@ -186,8 +195,9 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
     holes = {}
     for group in plan.groups:
         for path in group.members:
-            holes[path] = (model.get_submodule(path), group.call, group.id)
-            model.set_submodule(path, _HoleModule(path, group.call, plan.cache_layers.get(path, 0)))
+            block = model.get_submodule(path)
+            holes[path] = (block, group.call, group.id)
+            model.set_submodule(path, _HoleModule(path, group.call, plan.cache_layers.get(path, 0), block))
     example = plan.example
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (example.args, example.kwargs))
     dynamic = _export_dynamic_shapes(model, args, kwargs, example.dynamic_axes)
@@ -451,6 +461,29 @@ def fuse_for_runtime(model: ir.Model, runtime: str) -> None:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         optimize_for_ort(model)
+    _unfold_batch_transposes(model.graph)
+
+
+def _unfold_batch_transposes(graph: ir.Graph) -> None:
+    """Give each FusedMatMul's batch transpose (``transBatchA/B``, which onnxscript's fusions
+    fold into it) back to an explicit Transpose: ONNX Runtime 1.31's CPU kernel rejects one whose
+    other operand is 2-D (seen on SigLIP's attention-pooling head). The batch transpose moves
+    the first dim to the second-to-last place, as ONNX Runtime defines it."""
+    for node in list(graph):
+        if node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
+            continue
+        for index, attribute in ((0, "transBatchA"), (1, "transBatchB")):
+            operand = node.inputs[index]
+            if not node.attributes.get_int(attribute, 0) or operand.shape is None:
+                continue
+            rank = len(operand.shape)
+            perm = [*range(1, rank - 1), 0, rank - 1]
+            transpose = ir.node("Transpose", [operand], {"perm": perm})
+            moved = transpose.outputs[0]
+            moved.dtype, moved.shape = operand.dtype, ir.Shape([operand.shape[p] for p in perm])
+            graph.insert_before(node, transpose)
+            node.replace_input_with(index, moved)
+            node.attributes[attribute] = ir.AttrInt64(attribute, 0)
 
 
 def _serialize(model: ir.Model) -> bytes:

@@ -39,6 +39,7 @@ from shardex._tasks import (
     cache_layer_index,
     cache_layout,
     call_block,
+    default_inputs,
     default_task,
     generation_example,
     install_task,
@@ -50,7 +51,6 @@ from shardex._tasks import (
 logger = logging.getLogger("shardex")
 
 SHARD_ALIGNMENT = 4096  # ONNX Runtime mmaps external data only at page-aligned offsets
-EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 8
 # Attributes that legitimately differ between otherwise identical layers and never change the graph.
 PER_LAYER_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_number", "block_idx", "idx"})
 
@@ -386,21 +386,16 @@ def _sample_paths(model: nn.Module) -> str:
 
 
 def _example_inputs(model: nn.Module, args, kwargs, dynamic_shapes) -> ExampleInputs:
-    """Explicit inputs, or token ids (plus attention mask) for models with a vocabulary."""
+    """Explicit inputs, or inputs generated from the model's config (`_tasks.default_inputs`)."""
     if args is None and kwargs is None:
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if not vocab:
+        generated = default_inputs(model)
+        if generated is None:
             raise PlanError(
-                f"cannot generate example inputs for {type(model).__name__} (it has no "
-                "config.vocab_size); pass args=/kwargs= like torch.onnx.export."
+                f"cannot generate example inputs for {type(model).__name__} (its config has no vocab_size "
+                "and no image_size/num_channels); pass args=/kwargs= like torch.onnx.export."
             )
-        generator = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=generator)
-        kwargs = {"input_ids": ids}
-        if "attention_mask" in inspect.signature(model.forward).parameters:
-            kwargs["attention_mask"] = torch.ones_like(ids)
-        if dynamic_shapes is None:
-            dynamic_shapes = {k: {0: "batch_size", 1: "sequence_length"} for k in kwargs}
+        kwargs, axes = generated
+        dynamic_shapes = axes if dynamic_shapes is None else dynamic_shapes
     args = tuple(args or ())
     kwargs = _order_like_signature(model, dict(kwargs or {}))
     axes = _dynamic_axes(args, kwargs, dynamic_shapes)

@@ -272,6 +272,27 @@ def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Si
     return kwargs, axes
 
 
+def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]] | None:
+    """Example inputs generated from the model's config, and their dynamic axes: images
+    (``pixel_values``, batch dynamic) for a vision model, token ids (with an attention mask when
+    forward takes one) for a model with a vocabulary; None when the config says neither."""
+    config = getattr(model, "config", None)
+    generator = torch.Generator().manual_seed(0)
+    accepted = inspect.signature(model.forward).parameters
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if "pixel_values" in accepted and isinstance(size, int) and isinstance(channels, int):
+        pixels = torch.randn(EXAMPLE_BATCH, channels, size, size, generator=generator)
+        return {"pixel_values": pixels}, {"pixel_values": {0: "batch_size"}}
+    vocab = getattr(config, "vocab_size", None)
+    if not vocab:
+        return None
+    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)
+    kwargs = {"input_ids": ids}
+    if "attention_mask" in accepted:
+        kwargs["attention_mask"] = torch.ones_like(ids)
+    return kwargs, {k: {0: "batch_size", 1: "sequence_length"} for k in kwargs}
+
+
 def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]]:
     """Each cache layer's key and value shape and dtype, read off one prefill of two tokens run
     by `run(model, kwargs)` (under fake tensors: no weights are touched)."""
