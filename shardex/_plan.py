@@ -355,7 +355,10 @@ def _tensor_names(model: nn.Module) -> dict[int, list[str]]:
 def find_holes(model: nn.Module, block_pattern: str | None) -> list[str]:
     """Module paths of the blocks to capture once per distinct kind.
 
-    Default: the members of the largest `nn.ModuleList` whose members all share one class.
+    Default: the members of every repeated stack, outermost first: an `nn.ModuleList` of two or
+    more modules of one class with submodules of their own (a list of bare Linears is a part of
+    a block, not a stack of blocks), not inside another stack. A decoder-only LM has one (its
+    layers); an encoder-decoder or a vision-language model has one per tower.
     `block_pattern` is an fnmatch pattern over module paths, e.g. ``"model.layers.*"``.
     """
     if block_pattern:
@@ -368,17 +371,23 @@ def find_holes(model: nn.Module, block_pattern: str | None) -> list[str]:
                 f"{_sample_paths(model)}."
             )
         return paths
-    best: tuple[int, str] | None = None
+    paths: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) >= 2:
-            if len({type(m) for m in module}) == 1 and (best is None or len(module) > best[0]):
-                best = (len(module), name)
-    if best is None:
+        if any(name.startswith(p + ".") for p in paths):
+            continue
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) >= 2
+            and len({type(m) for m in module}) == 1
+            and any(True for _ in module[0].children())
+        ):
+            paths += [f"{name}.{i}" if name else str(i) for i in range(len(module))]
+    if not paths:
         raise PlanError(
             f"{type(model).__name__} has no nn.ModuleList of two or more same-class blocks; "
             "pass block_pattern= (--blocks) naming the repeated modules, e.g. 'layers.*'."
         )
-    return [f"{best[1]}.{i}" if best[1] else str(i) for i in range(best[0])]
+    return paths
 
 
 def _sample_paths(model: nn.Module) -> str:

@@ -284,13 +284,26 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         pixels = torch.randn(EXAMPLE_BATCH, channels, size, size, generator=generator)
         return {"pixel_values": pixels}, {"pixel_values": {0: "batch_size"}}
     vocab = getattr(config, "vocab_size", None)
-    if not vocab:
+    mel_bins, frames = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
+    kwargs: dict[str, torch.Tensor] = {}
+    axes: dict[str, dict[int, str]] = {}
+    if "input_features" in accepted and isinstance(mel_bins, int) and isinstance(frames, int):
+        # speech: log-mel features of the full window the encoder's positions cover
+        kwargs["input_features"] = torch.randn(EXAMPLE_BATCH, mel_bins, 2 * frames, generator=generator)
+        axes["input_features"] = {0: "batch_size"}
+    elif vocab:
+        kwargs["input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)
+        if "attention_mask" in accepted:
+            kwargs["attention_mask"] = torch.ones_like(kwargs["input_ids"])
+        axes |= {k: {0: "batch_size", 1: "sequence_length"} for k in kwargs}
+    else:
         return None
-    ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)
-    kwargs = {"input_ids": ids}
-    if "attention_mask" in accepted:
-        kwargs["attention_mask"] = torch.ones_like(ids)
-    return kwargs, {k: {0: "batch_size", 1: "sequence_length"} for k in kwargs}
+    if "decoder_input_ids" in accepted and vocab:
+        # an encoder-decoder's full forward: the decoder's tokens so far (fewer than the source's)
+        decoder_length = EXAMPLE_SEQUENCE - 3
+        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, decoder_length), generator=generator)
+        axes["decoder_input_ids"] = {0: "batch_size", 1: "decoder_sequence_length"}
+    return kwargs, axes
 
 
 def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]]:
