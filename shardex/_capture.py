@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from shardex import _hf_export
 from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
+from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
 from shardex._tasks import DERIVED_AXES, call_block, hole_names, merge_cache, split_cache
@@ -76,10 +77,18 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
         device = inputs[0].device if inputs else torch.device("meta")
         # Inside the export's fake mode: tensors the block creates (torch.tensor(..., device=x.device))
         # are fake too, as the trace's own are.
-        with detect_fake_mode(inputs) or contextlib.nullcontext():
-            params = {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)}
-            args, kwargs = call.unflatten_inputs(inputs)
-            output = call_block(lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs)
+        shapes_only = SHAPES_ONLY.set(True)
+        try:
+            with detect_fake_mode(inputs) or contextlib.nullcontext():
+                params = {
+                    n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)
+                }
+                args, kwargs = call.unflatten_inputs(inputs)
+                output = call_block(
+                    lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs
+                )
+        finally:
+            SHAPES_ONLY.reset(shapes_only)
         leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
         _FAKE_OUTPUTS[memo_key] = [(t.shape, t.dtype) for t in leaves]
     like = inputs[0]
@@ -303,7 +312,7 @@ def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> 
     """torch.onnx's dynamo export of one piece, with what transformers' exporter knows
     (`_hf_export`: patches, FX fixes, translations, IR fixes)."""
     try:
-        with warnings.catch_warnings(), _hf_export.export_patches():
+        with warnings.catch_warnings(), _hf_export.export_patches(), capture_patches():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

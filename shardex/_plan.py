@@ -35,6 +35,7 @@ from shardex._source import (
 )
 from shardex._tasks import (
     DERIVED_AXES,
+    TEXT_GENERATION,
     TEXT_GENERATION_WITH_PAST,
     cache_layer_index,
     cache_layout,
@@ -267,6 +268,7 @@ def make_plan(
     """Plan the export. Returns the plan and the tensors the coordinator itself must supply
     (non-persistent buffers; every tensor of `module`, the real in-memory model if the source
     is one)."""
+    requested_task = task
     task = resolve_task(source, task, explicit_inputs=args is not None or kwargs is not None)
     skeleton = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
     names = _tensor_names(skeleton)
@@ -277,8 +279,21 @@ def make_plan(
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
     _check_all_used(checkpoint, tensors, skeleton)
     skeleton.to("meta")  # the real buffers are in `memory`; from here on shapes only
+    layout = cache_layout(skeleton, _run_fake) if task == TEXT_GENERATION_WITH_PAST else None
+    if task == TEXT_GENERATION_WITH_PAST and layout is None:
+        if requested_task is not None:
+            raise PlanError(
+                f"{type(skeleton).__name__}'s cache is not keys and values per layer (a state-space model's "
+                f"states), which {TEXT_GENERATION_WITH_PAST!r} exports; pass task='{TEXT_GENERATION}'."
+            )
+        logger.warning(
+            "%s keeps no key-value cache; exporting %r (logits, no cache)",
+            type(skeleton).__name__,
+            TEXT_GENERATION,
+        )
+        task = TEXT_GENERATION
+        skeleton.config.use_cache = False
     if task == TEXT_GENERATION_WITH_PAST:
-        layout = cache_layout(skeleton, _run_fake)
         install_task(skeleton, task)
         kwargs, dynamic_shapes = generation_example(skeleton, layout)
     example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)

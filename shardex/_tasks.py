@@ -301,20 +301,24 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     if "decoder_input_ids" in accepted and vocab:
         # an encoder-decoder's full forward: the decoder's tokens so far (fewer than the source's)
         decoder_length = EXAMPLE_SEQUENCE - 3
-        kwargs["decoder_input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, decoder_length), generator=generator)
+        kwargs["decoder_input_ids"] = torch.randint(
+            0, vocab, (EXAMPLE_BATCH, decoder_length), generator=generator
+        )
         axes["decoder_input_ids"] = {0: "batch_size", 1: "decoder_sequence_length"}
     return kwargs, axes
 
 
-def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]]:
+def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]] | None:
     """Each cache layer's key and value shape and dtype, read off one prefill of two tokens run
-    by `run(model, kwargs)` (under fake tensors: no weights are touched)."""
+    by `run(model, kwargs)` (under fake tensors: no weights are touched). None when the cache is
+    not one of keys and values for every layer (a state-space model's conv and recurrent states)."""
     ids = torch.zeros(1, 2, dtype=torch.int64)
     output = run(model, {"input_ids": ids, "use_cache": True})
     cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-    if cache is None or not getattr(cache, "layers", None):
-        raise ValueError(f"{type(model).__name__} returned no transformers cache for use_cache=True")
-    return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in cache.layers]
+    layers = getattr(cache, "layers", None) or []
+    if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
+        return None
+    return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in layers]
 
 
 def hole_names(params: list[str], args: tuple, kwargs: dict, output) -> tuple[list[str], list[str]]:
