@@ -27,7 +27,13 @@ from shardex._cluster import summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
 from shardex._generation import GenerationCheck, reference_generation, verify_generation
-from shardex._layout import TOKEN_INPUTS, RuntimeIO, write_runtime_files
+from shardex._layout import (
+    CONTEXT_LENGTH_KEYS,
+    DEFAULT_CONTEXT_LENGTH,
+    TOKEN_INPUTS,
+    RuntimeIO,
+    write_runtime_files,
+)
 from shardex._measure import ProcessTreeSampler
 from shardex._output import MANIFEST_FILE, MODEL_FILE, TIMELINE_FILE, Journal
 from shardex._plan import Plan, make_plan, parse_size
@@ -575,9 +581,18 @@ def _write_runtime_layout(plan: Plan, out: str, model: ir.Model) -> list[str]:
         for node in ir.traversal.RecursiveGraphIterator(graph)
     )
     with open(os.path.join(plan.source.location, "config.json")) as f:
-        io = RuntimeIO.from_config(
-            json.load(f), fused_attention=fused, inputs=tuple(n for n in TOKEN_INPUTS if n in inputs)
+        config = json.load(f)
+    text = {**config, **(config.get("text_config") or {})}
+    if not any(text.get(k) for k in CONTEXT_LENGTH_KEYS):  # e.g. ALiBi models (BLOOM) name none
+        logger.warning(
+            "config.json names no context length; genai_config.json gets %d (edit its context_length "
+            "and search.max_length to change it)",
+            DEFAULT_CONTEXT_LENGTH,
         )
+        config["max_position_embeddings"] = DEFAULT_CONTEXT_LENGTH
+    io = RuntimeIO.from_config(
+        config, fused_attention=fused, inputs=tuple(n for n in TOKEN_INPUTS if n in inputs)
+    )
     io = dataclasses.replace(
         io, num_layers=len(keys), num_kv_heads=keys[0].shape[1], head_dim=keys[0].shape[3]
     )

@@ -83,6 +83,9 @@ TOKENIZER_FILES = (
     "*.tiktoken",
 )
 TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
+# config.json fields that give the context length, in the order they are read
+CONTEXT_LENGTH_KEYS = ("seq_length", "max_position_embeddings", "n_positions", "n_ctx")
+DEFAULT_CONTEXT_LENGTH = 2048  # for a config that names none (position-free models such as BLOOM)
 
 # onnxruntime-genai 0.18's decoder-only model types (ModelType::IsLLM) that need nothing beyond
 # the standard decoder I/O; the others (chatglm, lfm2, phi3small, ...) select special handling.
@@ -181,7 +184,7 @@ class RuntimeIO:
             head_dim=head_dim,
             hidden_size=hidden,
             vocab_size=first("vocab_size"),
-            context_length=first("seq_length", "max_position_embeddings", "n_positions", "n_ctx"),
+            context_length=first(*CONTEXT_LENGTH_KEYS),
             fused_attention=fused_attention,
             inputs=tuple(inputs),
         )
