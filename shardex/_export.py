@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,10 +21,10 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from shardex import _output, _ray
-from shardex._capture import capture_block, capture_trunk
+from shardex import _capture_cache, _output, _ray
+from shardex._capture import CapturedPiece, capture_block, capture_trunk
 from shardex._capture import warm_up as warm_up_capture
-from shardex._cluster import summarize_nodes, write_timeline
+from shardex._cluster import IO_TASKS_PER_SLOT, coordinator_record, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
 from shardex._generation import GenerationCheck, reference_generation, verify_generation
@@ -80,6 +81,7 @@ def export(
     trust_remote_code: bool = False,
     zero_copy: bool = False,
     revision: str | None = None,
+    capture_cache: bool | str | os.PathLike = True,
 ) -> torch.onnx.ONNXProgram:
     """Export `source` to ONNX in `output_dir` without ever holding all of its weights.
 
@@ -105,6 +107,10 @@ def export(
     for the trade-offs.
     `resume` continues an export that was killed: shards already written whose sha256 matches
     are kept; an output directory holding another model's export is refused.
+    `capture_cache` keeps captured pieces (weightless graphs) for later exports of the same
+    architecture with the same options: True uses ``$SHARDEX_CAPTURE_CACHE`` or
+    ``~/.cache/shardex/captures`` (``$XDG_CACHE_HOME``), a path uses that directory, False none;
+    the output is byte-identical either way (see `_capture_cache`).
 
     Verification compares ONNX Runtime on the saved files with PyTorch, globally and block by
     block; a generation export also decodes `verify_tokens` tokens greedily on both sides.
@@ -132,23 +138,30 @@ def export(
     target = _output.prepare_output_dir(
         os.fspath(output_dir), overwrite=overwrite, resume=resume, source_dir=checkpoint_dir
     )
+    cache = _capture_cache.resolve(capture_cache)
     with target.staged():  # swapped in when complete; a failed export leaves a previous one as it was
         out = target.work
 
         with (
-            _ray.ray_session(address, runtime_env=runtime_env),
+            _ray.ray_session(
+                address,
+                runtime_env=runtime_env,
+                lazy=True,
+                on_start=lambda: _ray.warm_up(warm_up_capture, src.kind),  # workers import torch.onnx etc.
+            ) as ray,
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
         ):
-            _ray.warm_up(warm_up_capture, src.kind)  # workers import torch.onnx etc. while we plan
+            if verify or cache is None:
+                ray.start_soon()  # needed for sure: starts while we plan
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
                 plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes, module)
             _log_plan(plan, timings["plan"])
-            journal = _start_journal(out, plan, options, resume)
+            journal = _start_journal(out, plan, options, resume, ray)
             with _stage(timings, "capture_and_weights"):
-                trunk, blocks, shards = _capture_and_stream(
-                    plan, memory, out, workers, journal, cpus_per_task
+                trunk, blocks, shards, cached = _capture_and_stream(
+                    plan, memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
                 )
             with _stage(timings, "stitch"):
                 model = stitch(plan, trunk, blocks, out)
@@ -166,6 +179,7 @@ def export(
             report = None
             if verify:
                 with _stage(timings, "verify"):
+                    ray.ensure()
                     report = _verify(
                         plan, memory, out, program, atol, rtol, workers, cpus_per_task, verify_tokens
                     )
@@ -181,6 +195,7 @@ def export(
             report=report,
             timings=timings,
             capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
+            capture_cache=cached,
             peak_memory=memory_sampler.peak,
             placement=summarize_nodes(records),
             runtime_files=runtime_files,
@@ -201,17 +216,18 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = time.perf_counter() - clock
 
 
-def _start_journal(out: str, plan: Plan, options: dict, resume: bool) -> Journal:
+def _start_journal(out: str, plan: Plan, options: dict, resume: bool, ray: _ray.RaySession) -> Journal:
     """After planning, before any byte is written: the export's fingerprint, the shards a
-    resumed export keeps, room for the rest, the check that every node sees `out`, then the
-    journal."""
+    resumed export keeps, room for the rest, the check that every node of a joined cluster
+    sees `out`, then the journal."""
     fingerprint = _output.fingerprint(plan, options)
     reused = _output.reusable_shards(out, plan, fingerprint) if resume else {}
     os.makedirs(out, exist_ok=True)
     _output.check_free_space(
         out, sum(s.size for s in plan.shards if s.file not in reused and not s.link_target)
     )
-    _ray.check_output_visible(out, readable=plan.source.files)
+    if ray.joins:  # a Ray started here runs on this machine alone
+        _ray.check_output_visible(out, readable=plan.source.files)
     return Journal(out, fingerprint, reused)
 
 
@@ -275,6 +291,7 @@ def verify(
     runtime_env: dict | None = None,
     factory: str | None = None,
     trust_remote_code: bool = False,
+    capture_cache: bool | str | os.PathLike = True,
 ) -> VerificationReport:
     """Re-verify a finished export against its source: ``model.onnx``'s sha256, ONNX Runtime on
     the saved files vs PyTorch globally and per block, the shards' sha256. Updates the manifest;
@@ -285,7 +302,8 @@ def verify(
     code runs only with `trust_remote_code` given here, whatever the manifest says.
     Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given;
     a task's inputs are generated again. A generation export's greedy decoding is checked for
-    `verify_tokens` tokens (default: as many as at export).
+    `verify_tokens` tokens (default: as many as at export). `capture_cache` serves the pieces an
+    inlined export's block checks need, as in `export`.
     """
     _check_run_options(workers, atol, rtol, verify_tokens)
     out = os.path.abspath(os.fspath(output_dir))
@@ -322,13 +340,19 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    with _ray.ray_session(address, runtime_env=runtime_env):
+    with _ray.ray_session(address, runtime_env=runtime_env) as ray:
         _ray.check_output_visible(out, readable=plan.source.files)
         if options["inline"]:
             # Block checks call the block functions, which the flat graph no longer has: rebuild
             # them (cheap, weightless captures). The global check runs the flat graph as saved.
-            trunk, blocks, _ = _capture_and_stream(
-                dataclasses.replace(plan, shards=[]), memory, out, workers, cpus_per_task=cpus_per_task
+            trunk, blocks, _, _ = _capture_and_stream(
+                dataclasses.replace(plan, shards=[]),
+                memory,
+                out,
+                workers,
+                cpus_per_task=cpus_per_task,
+                ray=ray,
+                cache=_capture_cache.resolve(capture_cache),
             )
             program = stitch(plan, trunk, blocks, out)
         else:
@@ -406,49 +430,145 @@ def _capture_and_stream(
     workers: int | None,
     journal: Journal | None = None,
     cpus_per_task: float = 1,
+    *,
+    ray: _ray.RaySession,
+    cache: _capture_cache.CaptureCache | None = None,
 ):
-    """Capture pieces and file-sourced shards on Ray; memory-held shards and zero-copy links in
-    a local thread. Shards the journal already holds (a resumed export) are not written again."""
+    """Capture the pieces the capture cache lacks (on Ray) while the shards are written, and
+    return (trunk, blocks by group id, shard results in plan order, the cache's account).
+
+    Shards are written by threads of this process when every Ray worker would be on this
+    machine anyway (kernel copies, hashing and fsync release the GIL; no worker process, no
+    object store), else as Ray tasks spread over the cluster's nodes. Memory-held tensors and
+    zero-copy links are always local. Shards the journal already holds (a resumed export) are
+    not written again."""
     entries = {t.name: t for t in plan.tensors}
     done = journal.results if journal else {}
     todo = [s for s in plan.shards if s.file not in done]
-    tasks = [_ray.Task("capture trunk", capture_trunk, (plan,))]
-    tasks += [_ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups]
+    keys = _capture_cache.piece_keys(plan) if cache is not None else None
+    pieces: dict[str, CapturedPiece] = {}
+    if keys is not None:
+        pieces = {name: piece for name, key in keys.items() if (piece := cache.get(key)) is not None}
+    captures = [_ray.Task("capture trunk", capture_trunk, (plan,))] if "trunk" not in pieces else []
+    captures += [
+        _ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id))
+        for g in plan.groups
+        if g.function_name not in pieces
+    ]
+    if captures:
+        ray.ensure()
+    remote = ray.spans_other_machines()
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
-    tasks += [
+    writes = [
         _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
         for s in file_shards
     ]
-    progress = _Progress(len(plan.groups) + 1, sum(s.size for s in plan.shards))
+    progress = _Progress(len(plan.groups) + 1 - len(pieces), sum(s.size for s in plan.shards))
+    lock = threading.Lock()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as local:
-        local_results = [
-            local.submit(
-                write_shard, s, [entries[n] for n in s.tensors], out, {n: memory[n] for n in s.tensors}
-            )
-            for s in todo
-            if s.from_memory
-        ]
-        local_results += [local.submit(link_shard, s, out) for s in todo if s.link_target]
-
-        def finished(result) -> None:
+    def finished(result) -> None:
+        with lock:
             progress.done(result)
             if journal and isinstance(result, ShardResult):
                 journal.record(result)
 
-        results = _ray.run_tasks(
-            tasks,
-            max_in_flight=workers,
-            on_done=lambda task, result: finished(result),
-            cpus_per_task=cpus_per_task,
+    local_tasks = [] if remote else writes
+    local_tasks += [
+        _ray.Task(
+            f"write {s.file}",
+            write_shard,
+            (s, [entries[n] for n in s.tensors], out, {n: memory[n] for n in s.tensors}),
         )
-        for future in local_results:
-            finished(future.result())
-    trunk = results[0]
-    blocks = {g.id: piece for g, piece in zip(plan.groups, results[1 : 1 + len(plan.groups)])}
-    shard_results = dict(done) | {r.file: r for r in results[1 + len(plan.groups) :]}
-    shard_results.update({f.result().file: f.result() for f in local_results})
-    return trunk, blocks, [shard_results[s.file] for s in plan.shards]
+        for s in todo
+        if s.from_memory
+    ]
+    local_tasks += [_ray.Task(f"link {s.file}", link_shard, (s, out)) for s in todo if s.link_target]
+    threads = IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1)
+    with _LocalWork(max(1, min(threads, len(local_tasks))), finished) as local:
+        for task in local_tasks:
+            local.submit(task)
+        remote_tasks = captures + (writes if remote else [])
+        results = (
+            _ray.run_tasks(
+                remote_tasks,
+                max_in_flight=workers,
+                on_done=lambda task, result: finished(result),
+                cpus_per_task=cpus_per_task,
+            )
+            if remote_tasks
+            else []
+        )
+        local_results = local.results()
+    for piece in results[: len(captures)]:
+        pieces[piece.name] = piece
+        if keys is not None:
+            cache.put(keys[piece.name], piece)
+    trunk = pieces["trunk"]
+    blocks = {g.id: pieces[g.function_name] for g in plan.groups}
+    shard_results = dict(done) | {r.file: r for r in [*results[len(captures) :], *local_results]}
+    account = _cache_account(cache, keys, captures, plan)
+    return trunk, blocks, [shard_results[s.file] for s in plan.shards], account
+
+
+def _cache_account(cache, keys: dict[str, str] | None, captures: list[_ray.Task], plan: Plan) -> dict:
+    """What the manifest records of the capture cache: where it is, and which pieces came from it."""
+    if cache is None:
+        return {"directory": None, "hits": [], "misses": []}
+    if keys is None:
+        return {"directory": cache.directory, "hits": [], "misses": [], "skipped": "source not cacheable"}
+    captured = {t.label.removeprefix("capture ") for t in captures}
+    names = ["trunk", *(g.function_name for g in plan.groups)]
+    return {
+        "directory": cache.directory,
+        "hits": [n for n in names if n not in captured],
+        "misses": [n for n in names if n in captured],
+    }
+
+
+class _LocalWork:
+    """Tasks run by threads of this process, recorded in the timeline like Ray tasks (on the
+    coordinator's row); `on_done` gets each result as it finishes, in the finishing thread."""
+
+    def __init__(self, threads: int, on_done) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="shardex-local")
+        self.on_done = on_done
+        self.sinks = _ray.active_recordings()
+        self.futures: list[concurrent.futures.Future] = []
+        self.callback_errors: list[BaseException] = []
+
+    def __enter__(self) -> _LocalWork:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, task: _ray.Task) -> None:
+        def run():
+            start = time.time()
+            result = task.fn(*task.args)
+            return result, coordinator_record(task.label, start, time.time())
+
+        future = self.pool.submit(run)
+        future.add_done_callback(self._done)
+        self.futures.append(future)
+
+    def _done(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result, record = future.result()
+        for sink in self.sinks:
+            sink.append(record)
+        try:
+            self.on_done(result)
+        except BaseException as e:  # e.g. the journal cannot be written: raised by results()
+            self.callback_errors.append(e)
+
+    def results(self) -> list:
+        """Every task's result in submission order; the first failure is raised."""
+        results = [future.result()[0] for future in self.futures]
+        if self.callback_errors:
+            raise self.callback_errors[0]
+        return results
 
 
 class _Progress:
