@@ -455,9 +455,7 @@ def _capture_and_stream(
         for g in plan.groups
         if g.function_name not in pieces
     ]
-    if captures:
-        ray.ensure()
-    remote = ray.spans_other_machines()
+    remote = ray.spans_other_machines()  # a Ray this export may still start runs here alone
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
     writes = [
         _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
@@ -487,6 +485,8 @@ def _capture_and_stream(
     with _LocalWork(max(1, min(threads, len(local_tasks))), finished) as local:
         for task in local_tasks:
             local.submit(task)
+        if captures:
+            ray.ensure()  # the shards are being written meanwhile
         remote_tasks = captures + (writes if remote else [])
         results = (
             _ray.run_tasks(

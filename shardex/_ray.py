@@ -108,6 +108,8 @@ class RaySession:
         self.started = self.existing
         self._owned = False
         self._thread: threading.Thread | None = None
+        self._up = threading.Event()  # the background start finished (or failed)
+        self._closed = threading.Event()
         self._error: BaseException | None = None
 
     @property
@@ -117,20 +119,20 @@ class RaySession:
 
     def start_soon(self) -> None:
         """Start Ray in a background thread (Ray's start is mostly waiting on its daemons), so
-        the coordinator can plan meanwhile; `ensure` waits for it."""
+        the coordinator can plan meanwhile; `ensure` waits for it. The thread lives until
+        `close`: Ray's daemons are started with a parent-death signal, which Linux sends when
+        the *thread* that started them ends."""
         if self.started or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._start_catching, name="shardex-ray-start", daemon=True)
+        self._thread = threading.Thread(target=self._start_and_hold, name="shardex-ray", daemon=True)
         self._thread.start()
 
     def ensure(self) -> None:
         """Ray is up when this returns (started here if nothing started it yet)."""
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._up.wait()
             if self._error is not None:
-                error, self._error = self._error, None
-                raise error
+                raise self._error
         if not self.started:
             self._start()
 
@@ -146,19 +148,25 @@ class RaySession:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._up.wait()
         if self._owned:
             import ray
 
             ray.shutdown()
             self._owned = False
+        if self._thread is not None:
+            self._closed.set()
+            self._thread.join()
+            self._thread = None
 
-    def _start_catching(self) -> None:
+    def _start_and_hold(self) -> None:
         try:
             self._start()
         except BaseException as e:  # re-raised by ensure() in the coordinator's thread
             self._error = e
+        finally:
+            self._up.set()
+        self._closed.wait()
 
     def _start(self) -> None:
         import ray
