@@ -27,6 +27,7 @@ from onnx import defs
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from shardex import _hf_export
 from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._plan import CallSignature, Plan, TensorSpec
@@ -70,10 +71,15 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
     block, call, group = _HOLES[key]
     memo_key = (group, tuple(str(tuple(t.shape)) for t in inputs))
     if memo_key not in _FAKE_OUTPUTS:
+        from torch._guards import detect_fake_mode
+
         device = inputs[0].device if inputs else torch.device("meta")
-        params = {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)}
-        args, kwargs = call.unflatten_inputs(inputs)
-        output = call_block(lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs)
+        # Inside the export's fake mode: tensors the block creates (torch.tensor(..., device=x.device))
+        # are fake too, as the trace's own are.
+        with detect_fake_mode(inputs) or contextlib.nullcontext():
+            params = {n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)}
+            args, kwargs = call.unflatten_inputs(inputs)
+            output = call_block(lambda *a, **k: torch.func.functional_call(block, params, a, k), args, kwargs)
         leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor)]
         _FAKE_OUTPUTS[memo_key] = [(t.shape, t.dtype) for t in leaves]
     like = inputs[0]
@@ -175,14 +181,15 @@ def warm_up(source_kind: str) -> None:
 def capture_trunk(plan: Plan) -> CapturedPiece:
     """Capture the model with every block replaced by a hole node."""
     start = time.perf_counter()
-    model = plan.build_model().to("meta")
+    model = plan.build_model()
+    mode = _fake_cpu(model)
     holes = {}
     for group in plan.groups:
         for path in group.members:
             holes[path] = (model.get_submodule(path), group.call, group.id)
             model.set_submodule(path, _HoleModule(path, group.call, plan.cache_layers.get(path, 0)))
     example = plan.example
-    args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to("meta"), (example.args, example.kwargs))
+    args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (example.args, example.kwargs))
     dynamic = _export_dynamic_shapes(model, args, kwargs, example.dynamic_axes)
     with _holes_registered(holes):
         onnx_model = _export(
@@ -197,7 +204,7 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
     _name_inputs(onnx_model.graph, plan.input_names)
     _name_outputs(onnx_model.graph, plan.output_names)
     _name_dynamic_axes(onnx_model, example.dynamic_axes)
-    weights = _initializers_to_inputs(onnx_model, prefix="")
+    weights = _initializers_to_inputs(onnx_model, prefix="", known=set(plan.alias_to_name), piece="trunk")
     _optimize(onnx_model)
     fuse_for_runtime(onnx_model, plan.runtime)
     return CapturedPiece("trunk", _serialize(onnx_model), weights, time.perf_counter() - start)
@@ -222,11 +229,10 @@ def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
     """Capture one distinct block (the group's first member) as a standalone weightless graph."""
     start = time.perf_counter()
     group = plan.groups[group_id]
-    model = plan.build_model().to("meta")
+    model = plan.build_model()
+    with _fake_cpu(model):
+        inputs = tuple(torch.empty(s.shape, dtype=getattr(torch, s.dtype)) for s in group.call.inputs)
     block = model.get_submodule(group.members[0])
-    inputs = tuple(
-        torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in group.call.inputs
-    )
     # forward(*tensors) has one varargs parameter: its spec is a tuple nested in a 1-tuple
     dynamic = (tuple({d: torch.export.Dim.AUTO for d in s.dynamic} or None for s in group.call.inputs),)
     onnx_model = _export(
@@ -241,24 +247,53 @@ def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
     )
     _name_inputs(onnx_model.graph, input_names)
     _name_outputs(onnx_model.graph, output_names)
-    weights = _initializers_to_inputs(onnx_model, prefix=BLOCK_PREFIX)
     expected = group.weight_names
-    if sorted(weights) != sorted(expected):
-        extra = sorted(set(weights) - set(expected))
-        raise CaptureError(
-            f"block {group.function_name} captured tensors that are not its parameters or buffers: "
-            f"{extra[:3]}; tensor constants created in forward are not supported yet.",
-            piece=group.function_name,
-        )
+    weights = _initializers_to_inputs(
+        onnx_model, prefix=BLOCK_PREFIX, known=set(expected), piece=group.function_name
+    )
+    missing = sorted(set(expected) - set(weights))
+    if missing:  # the block uses no such tensor: an input of its function all the same, unused
+        onnx_model.graph.inputs.extend(ir.Value(name=n) for n in missing)
+        weights += missing
     _reorder_weight_inputs(onnx_model, weights, expected)
     _optimize(onnx_model)
     fuse_for_runtime(onnx_model, plan.runtime)
     return CapturedPiece(group.function_name, _serialize(onnx_model), expected, time.perf_counter() - start)
 
 
+def _fake_cpu(model: nn.Module):
+    """Replace `model`'s parameters and buffers by fake CPU tensors (shapes and dtypes, no
+    memory) and return their `FakeTensorMode`, in which the capture's inputs are made too.
+
+    Fake CPU rather than the meta device: model code creates tensors on its inputs' device
+    (``torch.tensor(x, device=h.device)``, transformers' export patches among it), and in fake
+    mode only a CPU one becomes a fake tensor; a meta one stays a real meta tensor the trace
+    refuses. The trace also takes the branches a CPU run takes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fakes: dict[int, torch.Tensor] = {}  # tied tensors stay tied
+
+    def fake(tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(tensor) not in fakes:
+            empty = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            fakes[id(tensor)] = nn.Parameter(empty, requires_grad=False) if parameter else empty
+        return fakes[id(tensor)]
+
+    with mode:
+        for module in model.modules():
+            for tensors, parameter in ((module._parameters, True), (module._buffers, False)):
+                for name, tensor in tensors.items():
+                    if tensor is not None:
+                        tensors[name] = fake(tensor, parameter)
+    return mode
+
+
 def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> ir.Model:
+    """torch.onnx's dynamo export of one piece, with what transformers' exporter knows
+    (`_hf_export`: patches, FX fixes, translations, IR fixes)."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _hf_export.export_patches():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,
@@ -269,8 +304,11 @@ def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> 
                 optimize=False,
                 verbose=False,
                 opset_version=opset,
-                custom_translation_table=translations,
+                custom_translation_table=_hf_export.translation_table() | (translations or {}),
             )
+        _hf_export.fix_program(program)
+    except CaptureError:
+        raise
     except Exception as e:
         root = e
         while root.__cause__ is not None:
@@ -345,17 +383,35 @@ def _name_dynamic_axes(model: ir.Model, dynamic_axes: list[dict[int, str]]) -> N
             value.shape = ir.Shape([rename(d) for d in value.shape])
 
 
-def _initializers_to_inputs(model: ir.Model, *, prefix: str) -> list[str]:
-    """Turn every (meta, valueless) initializer into a trailing graph input; return their names
-    with `prefix` removed."""
+def _initializers_to_inputs(model: ir.Model, *, prefix: str, known: set[str], piece: str) -> list[str]:
+    """Turn every initializer that is a parameter or buffer (`known`, after removing `prefix`)
+    into a trailing graph input, valueless; return their names. A tensor the model creates in
+    its forward (``torch.tensor(...)``, lifted by torch.export as a constant) keeps its value:
+    a piece-local constant (a Constant node in a block function)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
     graph = model.graph
     names = []
     for name, value in list(graph.initializers.items()):
+        bare = name.removeprefix(prefix)
+        if bare not in known:
+            raw = getattr(value.const_value, "raw", None)
+            if (
+                isinstance(raw, torch.Tensor)
+                and not isinstance(raw, FakeTensor)
+                and raw.device.type != "meta"
+            ):
+                continue  # a constant with its value
+            raise CaptureError(
+                f"{piece} uses tensor {bare!r}, neither a parameter or buffer nor a constant with a value; "
+                "if the model creates it from its weights in forward, make it a buffer.",
+                piece=piece,
+            )
         graph.initializers.pop(name)
         value.const_value = None
         graph.inputs.append(value)
-        value.name = name.removeprefix(prefix)
-        names.append(value.name)
+        value.name = bare
+        names.append(bare)
     return names
 
 
@@ -384,21 +440,17 @@ def fuse_for_runtime(model: ir.Model, runtime: str) -> None:
     """Rewrite a weightless piece into ONNX Runtime's fused ops for `runtime`'s provider
     (``onnxruntime``: CPU, ``onnxruntime-cuda``): RMS/layer norms, skip norms, rotary
     embeddings, attention where it pays, MatMuls with transposed weights. transformers'
-    exporter pipeline (`fuse_for_onnxruntime`: onnxscript's ORT fusions plus its own repairs
-    and per-provider choices) when transformers is installed, else onnxscript's own. A plain
-    ``onnx`` target keeps standard ops only. Pieces are weightless, so this runs once per
-    distinct block, whatever the depth."""
+    exporter pipeline (onnxscript's ORT fusions plus its own repairs and per-provider choices)
+    when transformers is installed, else onnxscript's own. A plain ``onnx`` target keeps
+    standard ops only. Pieces are weightless, so this runs once per distinct block, whatever
+    the depth."""
     if runtime == "onnx":
         return
     warnings.filterwarnings("ignore", module="onnxscript")
-    try:
-        from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
-    except ImportError:
+    if not _hf_export.fuse(model, "cuda" if runtime == "onnxruntime-cuda" else "cpu"):
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
         optimize_for_ort(model)
-        return
-    fuse_for_onnxruntime(model, "cuda" if runtime == "onnxruntime-cuda" else "cpu")
 
 
 def _serialize(model: ir.Model) -> bytes:

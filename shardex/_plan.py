@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from shardex._conversions import Assembly, locations, resolve_checkpoint
 from shardex._dtypes import SAFETENSORS_TO_TORCH, dtype_name
 from shardex._errors import PlanError, SourceError
 from shardex._source import (
@@ -111,11 +112,14 @@ class TensorEntry:
     aliases: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: str  # dtype in the export (the skeleton's)
-    source: TensorLocation | None  # None: held in the coordinator's memory
+    # One checkpoint tensor; several (or part of one) assembled as transformers converts them at
+    # load time (see _conversions); None: held in the coordinator's memory.
+    source: TensorLocation | Assembly | None
     is_buffer: bool = False
     shard: str = ""
     offset: int = 0
     nbytes: int = 0
+    keys: tuple[str, ...] = ()  # the checkpoint tensors it is read from
 
 
 @dataclasses.dataclass
@@ -267,17 +271,17 @@ def make_plan(
     skeleton = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
     names = _tensor_names(skeleton)
     hole_paths = find_holes(skeleton, block_pattern)
-    if task == TEXT_GENERATION_WITH_PAST:
-        layout = cache_layout(skeleton, _run_fake)
-        install_task(skeleton, task)
-        kwargs, dynamic_shapes = generation_example(skeleton, layout)
-    example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     memory = _memory_tensors(skeleton if module is None else module)
     checkpoint = index_checkpoint(source.files) if source.files else {}
     tensors = _tensor_entries(skeleton, names, checkpoint, memory, source)
     memory = {t.name: memory[t.name] for t in tensors if t.source is None}
     _check_all_used(checkpoint, tensors, skeleton)
-    skeleton.to("meta")
+    skeleton.to("meta")  # the real buffers are in `memory`; from here on shapes only
+    if task == TEXT_GENERATION_WITH_PAST:
+        layout = cache_layout(skeleton, _run_fake)
+        install_task(skeleton, task)
+        kwargs, dynamic_shapes = generation_example(skeleton, layout)
+    example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     cache_layers = (
         {p: cache_layer_index(skeleton.get_submodule(p), i) for i, p in enumerate(hole_paths)}
         if task == TEXT_GENERATION_WITH_PAST
@@ -457,22 +461,19 @@ def _memory_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorEntry]:
     by_name = dict(named_tensors(skeleton, remove_duplicate=False))
+    resolved = resolve_checkpoint(skeleton, checkpoint) if checkpoint else {}
     result = []
     missing = []
     for aliases in names.values():
         tensor = by_name[aliases[0]]
-        found = next((checkpoint[a] for a in aliases if a in checkpoint), None)
+        found = next((resolved[a] for a in aliases if a in resolved), None)
+        keys: tuple[str, ...] = ()
         if source.kind == "module":
             location = None
         elif found is not None:
-            location = found
-            if tuple(found.shape) != tuple(tensor.shape):
-                raise SourceError(
-                    f"tensor {aliases[0]!r} has shape {list(found.shape)} in {found.file} but the "
-                    f"model built from {source.location} expects {list(tensor.shape)}; the "
-                    "checkpoint does not match its config/factory."
-                )
-            check_stored_dtype(aliases[0], found, tensor.dtype)
+            location = found.source
+            keys = tuple(dict.fromkeys(k for a in aliases if a in resolved for k in resolved[a].keys))
+            _check_against_model(aliases[0], location, tensor, source)
         elif aliases[0] in memory:
             location = None
             if not _is_non_persistent(skeleton, aliases[0]):
@@ -491,6 +492,7 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
                 source=location,
                 is_buffer=not isinstance(tensor, nn.Parameter),
                 nbytes=tensor.numel() * tensor.element_size(),
+                keys=keys,
             )
         )
     if missing:
@@ -502,13 +504,30 @@ def _tensor_entries(skeleton, names, checkpoint, memory, source) -> list[TensorE
     return result
 
 
+def _check_against_model(
+    name: str, found: TensorLocation | Assembly, tensor: torch.Tensor, source: Source
+) -> None:
+    """The checkpoint's tensor (as transformers would build it) has the model tensor's shape
+    and a dtype that can fill it."""
+    if tuple(found.shape) != tuple(tensor.shape):
+        built = f" as {found.operations} builds it" if isinstance(found, Assembly) else ""
+        raise SourceError(
+            f"tensor {name!r} has shape {list(found.shape)} in {found.file}{built} but the "
+            f"model built from {source.location} expects {list(tensor.shape)}; the "
+            "checkpoint does not match its config/factory."
+        )
+    for location in locations(found):
+        check_stored_dtype(name, location, tensor.dtype)
+
+
 def _check_all_used(
     checkpoint: dict[str, TensorLocation], tensors: list[TensorEntry], model: nn.Module
 ) -> None:
-    """Every checkpoint tensor fills a model tensor: one that fills none means the checkpoint is
-    not this model's. Ignored, as transformers ignores them: the model class's
+    """Every checkpoint tensor fills a model tensor (directly, renamed, or as a piece of one
+    transformers assembles): one that fills none means the checkpoint is not this model's.
+    Ignored, as transformers ignores them: the model class's
     ``_keys_to_ignore_on_load_unexpected`` and stale copies of non-persistent buffers."""
-    used = {alias for t in tensors if t.source is not None for alias in t.aliases}
+    used = {key for t in tensors for key in t.keys}
     patterns = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
     buffers = {
         name.rpartition(".")[2] for name, _ in model.named_buffers() if _is_non_persistent(model, name)
@@ -702,17 +721,31 @@ def _group_blocks(
 
 
 def _check_zero_copy(tensors: list[TensorEntry], source: Source) -> None:
+    """zero_copy links the checkpoint's files, so no byte can change. A tensor transformers
+    assembles from several checkpoint tensors exists in no file: it is copied into a data shard
+    (the least zero_copy can do; refusing would copy every tensor instead), and said so."""
     if source.kind == "module":
         raise PlanError("zero_copy needs weights in safetensors files; an in-memory module has none.")
     converted = [
         t.name
         for t in tensors
-        if t.source is not None and SAFETENSORS_TO_TORCH[t.source.dtype] != getattr(torch, t.dtype)
+        if t.source is not None
+        and any(SAFETENSORS_TO_TORCH[x.dtype] != getattr(torch, t.dtype) for x in locations(t.source))
     ]
     if converted:
         raise PlanError(
             f"zero_copy cannot convert dtypes, but {len(converted)} tensor(s) differ from the model's dtype "
             f"(e.g. {converted[0]}); drop dtype= or zero_copy=."
+        )
+    assembled = [t for t in tensors if isinstance(t.source, Assembly)]
+    if assembled:
+        logger.warning(
+            "zero_copy: %d tensor(s) (%.1f MB, e.g. %s) are assembled from several checkpoint tensors "
+            "(%s) and exist in no file; they are copied, the rest is linked",
+            len(assembled),
+            sum(t.nbytes for t in assembled) / 1e6,
+            assembled[0].name,
+            assembled[0].source.operations,
         )
 
 
@@ -721,19 +754,21 @@ def _assign_shards(tensors: list[TensorEntry], max_shard_size: int, zero_copy: b
     tensor gets a shard of its own), every offset page-aligned. Memory-held tensors get their
     own shards: the coordinator writes those, workers write the rest.
 
-    With `zero_copy`, file-sourced tensors are not copied: each source file becomes a "shard"
-    that is a hard link to it, and tensors keep their offsets inside it."""
+    With `zero_copy`, tensors stored whole in a source file are not copied: each such file
+    becomes a "shard" that is a hard link to it, and tensors keep their offsets inside it.
+    Assembled tensors (see `_check_zero_copy`) are packed into data shards as usual."""
     layouts: list[tuple[list[TensorEntry], int, str | None]] = []
-    if zero_copy:
-        for file in dict.fromkeys(t.source.file for t in tensors if t.source is not None):
-            members = [t for t in tensors if t.source is not None and t.source.file == file]
-            for t in members:
-                t.offset = t.source.offset
-            layouts.append((members, os.path.getsize(file), file))
-    for from_memory in (True,) if zero_copy else (False, True):
+    linked = [t for t in tensors if zero_copy and isinstance(t.source, TensorLocation)]
+    for file in dict.fromkeys(t.source.file for t in linked):
+        members = [t for t in linked if t.source.file == file]
+        for t in members:
+            t.offset = t.source.offset
+        layouts.append((members, os.path.getsize(file), file))
+    linked_names = {t.name for t in linked}
+    for from_memory in (False, True):
         current: list[TensorEntry] = []
         size = 0
-        for t in (t for t in tensors if (t.source is None) == from_memory):
+        for t in (t for t in tensors if (t.source is None) == from_memory and t.name not in linked_names):
             offset = _align(size)
             if current and offset + t.nbytes > max_shard_size:
                 layouts.append((current, size, None))

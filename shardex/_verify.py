@@ -31,10 +31,11 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from shardex._conversions import read_source
 from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, dtype_name, numpy_dtype
 from shardex._output import MODEL_FILE
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import named_tensors, read_tensor
+from shardex._source import named_tensors
 from shardex._stitch import BLOCK_DOMAIN
 from shardex._tasks import call_block, merge_cache, split_cache
 
@@ -137,8 +138,11 @@ class _WeightLoader:
 
     def load(self, name: str) -> torch.Tensor:
         entry = self.plan.entry(name)
-        tensor = read_tensor(entry.source) if entry.source is not None else self.memory[entry.name].detach()
-        tensor = tensor.to(self.device, getattr(torch, entry.dtype))
+        dtype = getattr(torch, entry.dtype)
+        tensor = (
+            read_source(entry.source, dtype) if entry.source is not None else self.memory[entry.name].detach()
+        )
+        tensor = tensor.to(self.device, dtype)
         return tensor.to(self.compute) if tensor.is_floating_point() else tensor
 
 

@@ -8,6 +8,9 @@ parallel, straight from the source files.
 
 Memory stays bounded: a tensor whose dtype does not change is copied file-to-file by the kernel
 (`os.copy_file_range`, no user-space buffer); a converted tensor goes through fixed-size chunks.
+A tensor transformers assembles from several checkpoint tensors (fused MoE experts, see
+`_conversions`) is written piece by piece at the offsets the plan computed, the same way; a
+transposed piece is read one slice at a time (at most the piece), permuted and written.
 A shard is written under a hidden temporary name, fsynced, hashed and renamed: a final name
 always holds a complete shard.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 import time
 
 import torch
 
+from shardex._conversions import Assembly, Piece
 from shardex._dtypes import SAFETENSORS_TO_TORCH
 from shardex._errors import WeightsError
 from shardex._plan import ShardSpec, TensorEntry
@@ -61,6 +66,9 @@ def write_shard(
                 if entry.source is None:
                     assert memory is not None and entry.name in memory, f"Bug: no value for {entry.name}"
                     _write_memory_tensor(fd, entry, memory[entry.name])
+                elif isinstance(entry.source, Assembly):
+                    for piece in entry.source.pieces:
+                        _copy_piece(fd, entry, piece)
                 else:
                     _copy_tensor(fd, entry, entry.source)
             digest = _sha256(fd)  # while the kernel already writes back: fsync then waits less
@@ -121,20 +129,43 @@ def _remove_quietly(path: str) -> None:
 def _write_memory_tensor(fd: int, entry: TensorEntry, tensor: torch.Tensor) -> None:
     data = tensor.detach().to("cpu", getattr(torch, entry.dtype)).contiguous()
     if data.numel():
-        _pwrite_all(fd, memoryview(data.view(torch.uint8).numpy()), entry.offset)
+        _pwrite_all(fd, memoryview(data.reshape(-1).view(torch.uint8).numpy()), entry.offset)
 
 
 def _copy_tensor(fd: int, entry: TensorEntry, location: TensorLocation) -> None:
     source_dtype = SAFETENSORS_TO_TORCH[location.dtype]
-    target_dtype = getattr(torch, entry.dtype)
     src = os.open(location.file, os.O_RDONLY)
     try:
-        if source_dtype == target_dtype:
-            _kernel_copy(src, fd, location.offset, entry.offset, location.nbytes)
-        else:
-            _convert_copy(src, fd, location, entry, source_dtype, target_dtype)
+        elements = location.nbytes // source_dtype.itemsize
+        _copy_run(src, fd, location.offset, entry.offset, elements, source_dtype, entry)
     finally:
         os.close(src)
+
+
+def _copy_run(
+    src: int,
+    dst: int,
+    src_offset: int,
+    dst_offset: int,
+    elements: int,
+    source_dtype: torch.dtype,
+    entry: TensorEntry,
+) -> None:
+    """Copy `elements` contiguous elements (at byte offsets), converted to the entry's dtype."""
+    target_dtype = getattr(torch, entry.dtype)
+    if source_dtype == target_dtype:
+        _kernel_copy(src, dst, src_offset, dst_offset, elements * source_dtype.itemsize)
+        return
+    step = max(1, CHUNK_BYTES // max(source_dtype.itemsize, target_dtype.itemsize))
+    for first in range(0, elements, step):
+        count = min(step, elements - first)
+        raw = _pread_exact(
+            src, count * source_dtype.itemsize, src_offset + first * source_dtype.itemsize, entry
+        )
+        converted = torch.frombuffer(raw, dtype=source_dtype).to(target_dtype)
+        _pwrite_all(
+            dst, memoryview(converted.view(torch.uint8).numpy()), dst_offset + first * target_dtype.itemsize
+        )
 
 
 def _kernel_copy(src: int, dst: int, src_offset: int, dst_offset: int, count: int) -> None:
@@ -155,21 +186,82 @@ def _buffered_copy(src: int, dst: int, src_offset: int, dst_offset: int, count: 
     return len(data)
 
 
-def _convert_copy(src, dst, location, entry, source_dtype, target_dtype) -> None:
-    source_size = source_dtype.itemsize
-    target_size = target_dtype.itemsize
-    elements = location.nbytes // source_size
-    step = max(1, CHUNK_BYTES // max(source_size, target_size))
-    for first in range(0, elements, step):
-        count = min(step, elements - first)
-        raw = bytearray(os.pread(src, count * source_size, location.offset + first * source_size))
-        if len(raw) != count * source_size:
-            raise OSError(f"{location.file} is truncated inside tensor {entry.name}")
-        converted = torch.frombuffer(raw, dtype=source_dtype).to(target_dtype)
-        _pwrite_all(dst, memoryview(converted.view(torch.uint8).numpy()), entry.offset + first * target_size)
+def _pread_exact(fd: int, count: int, offset: int, entry: TensorEntry) -> bytearray:
+    data = bytearray(os.pread(fd, count, offset))
+    if len(data) != count:
+        raise OSError(
+            f"source ended {count - len(data)} bytes early inside tensor {entry.name} (truncated file?)"
+        )
+    return data
+
+
+def _copy_piece(fd: int, entry: TensorEntry, piece: Piece) -> None:
+    """Write one piece of an assembled tensor where the plan placed it.
+
+    In the source's element order the piece is a set of runs contiguous in both files, copied
+    as whole tensors are. A transposed piece is not: it is read one slice of its leading dims
+    at a time (dims that lead in both orders; at most the whole piece), permuted in memory into
+    the target's order and written run by run."""
+    source_dtype = SAFETENSORS_TO_TORCH[piece.source.dtype]
+    target_dtype = getattr(torch, entry.dtype)
+    source_start, target_start, axes = piece.strided(entry.shape)
+    if not piece.numel:
+        return
+    order = sorted(range(len(axes)), key=lambda k: -axes[k][2])  # the target's element order
+    src = os.open(piece.source.file, os.O_RDONLY)
+    try:
+        if order == sorted(order):
+            *outer, (run, _, _) = _runs(axes, both=True)
+            for src_el, dst_el in _positions(outer, source_start, target_start):
+                _copy_run(
+                    src,
+                    fd,
+                    piece.source.offset + src_el * source_dtype.itemsize,
+                    entry.offset + dst_el * target_dtype.itemsize,
+                    run,
+                    source_dtype,
+                    entry,
+                )
+            return
+        shared = next((i for i, k in enumerate(order) if k != i), len(order))
+        inner = [axes[k] for k in order[shared:]]  # in target order
+        *runs_outer, (run, _, _) = _runs(inner, both=False)
+        span = 1 + sum((n - 1) * s for n, s, _ in inner)
+        for src_el, dst_el in _positions(axes[:shared], source_start, target_start):
+            raw = _pread_exact(
+                src, span * source_dtype.itemsize, piece.source.offset + src_el * source_dtype.itemsize, entry
+            )
+            flat = torch.frombuffer(raw, dtype=source_dtype)
+            block = flat.as_strided([n for n, _, _ in inner], [s for _, s, _ in inner]).to(target_dtype)
+            data = memoryview(block.contiguous().view(torch.uint8).numpy()).cast("B")
+            step = run * target_dtype.itemsize
+            for i, (_, at) in enumerate(_positions(runs_outer, 0, dst_el)):
+                _pwrite_all(fd, data[i * step : (i + 1) * step], entry.offset + at * target_dtype.itemsize)
+    finally:
+        os.close(src)
+
+
+def _runs(axes: list[tuple[int, int, int]], *, both: bool) -> list[tuple[int, int, int]]:
+    """Merge the innermost axes that are contiguous in the target (and, with `both`, in the
+    source too) into one run axis: returns the outer axes followed by (run length, 1, 1)."""
+    outer = list(axes)
+    run = 1
+    while outer and outer[-1][2] == run and (not both or outer[-1][1] == run):
+        run *= outer.pop()[0]
+    return [*outer, (run, 1, 1)]
+
+
+def _positions(axes: list[tuple[int, int, int]], source_start: int, target_start: int):
+    """(source, target) element offsets of every index over `axes`, in row-major order."""
+    for index in itertools.product(*(range(n) for n, _, _ in axes)):
+        yield (
+            source_start + sum(i * s for i, (_, s, _) in zip(index, axes)),
+            target_start + sum(i * t for i, (_, _, t) in zip(index, axes)),
+        )
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")  # bytes: a tensor's view has its shape, and slicing would cut rows
     while data:
         n = os.pwrite(fd, data, offset)
         data = data[n:]

@@ -76,17 +76,30 @@ def greedy_onnx(model_path, input_ids: np.ndarray, attention_mask: np.ndarray, n
 
 def greedy_transformers(
     model, input_ids: np.ndarray, attention_mask: np.ndarray, new_tokens: int
-) -> np.ndarray:
+) -> list[list[int]]:
+    """transformers' greedy `generate`: per row, its new tokens up to and including the
+    end-of-sequence token where it stops (`min_new_tokens` is not used: it masks the eos logit,
+    which would change the argmax)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.from_numpy(input_ids),
             attention_mask=torch.from_numpy(attention_mask),
             max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
         )
-    return out[:, input_ids.shape[1] :].numpy()
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
+    rows = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def same_greedy_tokens(onnx_tokens: np.ndarray, transformers_tokens: list[list[int]]) -> bool:
+    """The loop's tokens equal transformers' wherever transformers decoded (up to its eos)."""
+    return all(list(row[: len(e)]) == e for row, e in zip(onnx_tokens.tolist(), transformers_tokens))
 
 
 def left_padded_prompts(batch: int = 2, length: int = 7, vocab: int = 128) -> tuple[np.ndarray, np.ndarray]:

@@ -3,14 +3,19 @@ Runtime equal to transformers' `generate`, left padding, empty and long pasts.""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 import torch
 
 import shardex
 from tests.models import save_block_stack, save_hf
-from tests.onnx_support import greedy_onnx, greedy_transformers, left_padded_prompts, session
+from tests.onnx_support import (
+    greedy_onnx,
+    greedy_transformers,
+    left_padded_prompts,
+    same_greedy_tokens,
+    session,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -70,10 +75,11 @@ def test_greedy_tokens_equal_transformers(tmp_path, family):
     )
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     layers = model.config.num_hidden_layers
-    assert len(proto.functions) == 1  # the layer function appears once ...
+    # one function per distinct layer (Gemma 2: its sliding and its global layers) ...
+    assert len(proto.functions) == len(manifest["plan"]["groups"]) == (2 if family == "gemma2" else 1)
     calls = [n for n in proto.graph.node if n.domain == "shardex.blocks"]
     assert len(calls) == layers  # ... and is called once per layer, with its cache in and out
-    assert len(calls[0].input) == len(proto.functions[0].input)
+    assert all(len(c.input) == len(proto.functions[0].input) for c in calls)
     assert {f"past_key_values.{layers - 1}.value", f"present.{layers - 1}.key"} <= {
         *(i.name for i in proto.graph.input),
         *(o.name for o in proto.graph.output),
@@ -83,7 +89,8 @@ def test_greedy_tokens_equal_transformers(tmp_path, family):
         ids, mask = left_padded_prompts(batch)
         expected = greedy_transformers(model, ids, mask, 16)
         actual = greedy_onnx(out / "model.onnx", ids, mask, 16)
-        np.testing.assert_array_equal(actual, expected)
+        assert same_greedy_tokens(actual, expected), (actual.tolist(), expected)
+        assert sum(map(len, expected)) >= 8 * batch  # most rows decode well past the prompt
 
 
 def test_text_generation_task_has_no_cache(tmp_path):
