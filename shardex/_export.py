@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import IO_TASKS_PER_SLOT, coordinator_record, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
-from shardex._generation import GenerationCheck, reference_generation, verify_generation
+from shardex._generation import reference_generation, verify_saved_model
 from shardex._layout import TOKEN_INPUTS, RuntimeIO, write_runtime_files
 from shardex._measure import ProcessTreeSampler
 from shardex._output import MANIFEST_FILE, MODEL_FILE, TIMELINE_FILE, Journal
@@ -599,9 +600,10 @@ class _Progress:
 def _verify(
     plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1, new_tokens: int = 0
 ) -> VerificationReport:
-    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved, one
-    check per block group and, for a generation export with `new_tokens`, greedy decoding
-    compared step by step. `program` is the stitched model in function form (before any
+    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved and
+    one check per block group. A generation export with `new_tokens` also decodes greedily
+    here, while the block checks run on Ray; its ONNX Runtime steps then run in the global
+    check's pass over the weights. `program` is the stitched model in function form (before any
     inlining): the block checks call its functions."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
@@ -617,10 +619,8 @@ def _verify(
         first = (str(e).strip().splitlines() or [""])[0]
         raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
     check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
-    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
     # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it.
-    tasks = [_ray.Task("verify global", verify_global, global_args, gpu=True)]
-    tasks += [
+    block_tasks = [
         _ray.Task(
             f"verify {g.function_name}",
             verify_block_group,
@@ -637,19 +637,42 @@ def _verify(
         )
         for g in plan.groups
     ]
-    if new_tokens and plan.task == TEXT_GENERATION_WITH_PAST:
-        logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
-        generation = reference_generation(plan, memory, new_tokens)
-        generation_args = (plan, out, generation, atol_, rtol_, promote)
-        tasks.append(_ray.Task("verify generation", verify_generation, generation_args, gpu=True))
-    results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task)
-    generation = results.pop() if isinstance(results[-1], GenerationCheck) else None
+    decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
+    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+        if decode and workers != 1:  # the block checks run on Ray while PyTorch decodes here
+            blocks_future = background.submit(
+                contextvars.copy_context().run,
+                _ray.run_tasks,
+                block_tasks,
+                max_in_flight=workers - 1 if workers else None,
+                on_done=_log_verified,
+                cpus_per_task=cpus_per_task,
+            )
+            block_tasks = []
+        generation = None
+        if decode:
+            logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
+            generation = reference_generation(plan, memory, new_tokens)
+            saved = _ray.Task(
+                "verify global and generation",
+                verify_saved_model,
+                (*global_args[:4], generation, *global_args[4:]),
+                gpu=True,
+            )
+        else:
+            saved = _ray.Task("verify global", verify_global, global_args, gpu=True)
+        results = _ray.run_tasks(
+            [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
+        )
+        global_checks, generation_check = results[0] if generation is not None else (results[0], None)
+        group_checks = results[1:] if block_tasks else blocks_future.result()
     runtime = f"{MODEL_FILE} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
-    blocks = [check for group_checks in results[1:] for check in group_checks]
+    blocks = [check for checks in group_checks for check in checks]
     report = VerificationReport(
-        method, dtype_name(compute), shapes, results[0], blocks, generation=generation
+        method, dtype_name(compute), shapes, global_checks, blocks, generation=generation_check
     )
     report.seconds = time.perf_counter() - start
     worst = max((c.max_abs_diff for c in report.outputs), default=0.0)
@@ -664,8 +687,8 @@ def _verify(
 
 def _log_verified(task: _ray.Task, checks) -> None:
     """Progress on the driver: workers' own logs do not reach it."""
-    if isinstance(checks, GenerationCheck):
-        checks = checks.checks()
+    if isinstance(checks, tuple):  # the global checks and the generation check
+        checks = [*checks[0], *checks[1].checks()]
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
     if worst is not None:
         failed = sum(not c.passed for c in checks)

@@ -273,11 +273,16 @@ def session(model: str | bytes, weights_dir: str | None = None):
     return ort.InferenceSession(model, options, providers=providers())
 
 
+SESSION_BUDGET_CAP = 1 << 30  # resident weight bytes of one session: more is no faster, only bigger
+
+
 def session_budget() -> int:
-    """Weight bytes one verification session may load: a quarter of this node's free memory."""
+    """Resident weight bytes one verification session may hold: a quarter of this node's free
+    memory, at most `SESSION_BUDGET_CAP`. A larger model runs as segments, each loaded once
+    however many runs (generation steps) go through it, so the cap costs no time."""
     import psutil
 
-    return psutil.virtual_memory().available // 4
+    return min(psutil.virtual_memory().available // 4, SESSION_BUDGET_CAP)
 
 
 def providers() -> list[str]:
@@ -305,6 +310,16 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
     return CheckResult(name, max_abs, max_rel, atol, rtol, passed)
 
 
+@dataclasses.dataclass
+class Step:
+    """One run of the saved model: its `feeds`, plus inputs taken from the previous step's
+    outputs (`carried`: input name -> output name, e.g. a KV cache's past from its present)."""
+
+    feeds: dict[str, np.ndarray]
+    carried: dict[str, str] = dataclasses.field(default_factory=dict)
+    outputs: list[str] | None = None  # the outputs to return (default: all)
+
+
 def verify_global(
     plan: Plan,
     output_dir: str,
@@ -321,24 +336,35 @@ def verify_global(
     length): shardex reads no weight. When the weights fit `max_session_bytes` (default
     `session_budget()`), one session runs the whole file (a float32-promoted copy of it where
     the export is bf16/fp16, its initializers still references into the shards). Otherwise the
-    main graph runs in order as segments of at most that many weight bytes, each a small model
-    whose initializers are the file's own references; every tensor is loaded at least once and
-    memory stays about one segment's weights plus the activations. A flat (inlined) graph is
-    run as written, like one with block functions.
+    main graph runs in order as segments of at most that many resident weight bytes, each a
+    small model whose initializers are the file's own references; every tensor is loaded at
+    least once and memory stays about one segment's weights plus the activations. A flat
+    (inlined) graph is run as written, like one with block functions.
     """
     runner = SavedModelRunner(output_dir, promote, max_session_bytes)
+    try:
+        (outputs,) = runner.run_steps([global_step(runner, inputs, promote)])
+    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+        return [runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
+    return global_checks(runner, outputs, reference, atol, rtol)
+
+
+def global_step(runner: SavedModelRunner, inputs: ExampleInputs, promote: bool) -> Step:
+    """The global check's run: the verification inputs (float32 where the graph was promoted)."""
     tensors = inputs.flat_tensors()
     if promote:  # the promoted graph takes float32 where the export takes bf16/fp16
         tensors = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
-    feeds = {name: _to_numpy(t) for name, t in zip(runner.input_names, tensors)}
-    try:
-        actual = runner.run(feeds)
-    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
-        return [_runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
-    if len(actual) != len(reference):
+    return Step({name: _to_numpy(t) for name, t in zip(runner.input_names, tensors)})
+
+
+def global_checks(
+    runner: SavedModelRunner, outputs: dict[str, np.ndarray], reference: list[np.ndarray], atol, rtol
+) -> list[CheckResult]:
+    """ONNX Runtime's outputs of the global step against PyTorch's, one check per output."""
+    if len(outputs) != len(reference):
         return [
             CheckResult(
-                f"outputs ({len(actual)} vs PyTorch's {len(reference)})",
+                f"outputs ({len(outputs)} vs PyTorch's {len(reference)})",
                 float("inf"),
                 float("inf"),
                 atol,
@@ -346,16 +372,14 @@ def verify_global(
                 False,
             )
         ]
-    return [
-        compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(runner.output_names, actual, reference)
-    ]
+    return [compare(f"output:{n}", outputs[n], e, atol, rtol) for n, e in zip(runner.output_names, reference)]
 
 
 class SavedModelRunner:
-    """``model.onnx`` as saved, in ONNX Runtime, reusable across calls (generation steps): one
-    session on the file when its weights fit `max_session_bytes` (default `session_budget()`)
-    and no promotion is needed, else the main graph in segments (`_SegmentedRunner`). ONNX
-    Runtime resolves every external-data reference itself either way."""
+    """``model.onnx`` as saved, in ONNX Runtime: one session on the file when its weights fit
+    `max_session_bytes` (default `session_budget()`) and no promotion is needed, else the main
+    graph in segments (`_SegmentedRunner`). ONNX Runtime resolves every external-data
+    reference itself either way. `run_steps` runs several steps in one pass over the weights."""
 
     def __init__(self, output_dir: str, promote: bool, max_session_bytes: int | None = None) -> None:
         path = os.path.join(output_dir, MODEL_FILE)
@@ -365,31 +389,47 @@ class SavedModelRunner:
         budget = session_budget() if max_session_bytes is None else max_session_bytes
         weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if _is_external(v))
         if weights <= budget and not promote:
-            self.session, self.segments = session(path), None
+            self.path, self.segments = path, None
         else:
-            self.session, self.segments = None, _SegmentedRunner(model, output_dir, promote, budget)
+            self.path, self.segments = None, _SegmentedRunner(model, output_dir, promote, budget)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.session is not None:
-            return self.session.run(None, feeds)
-        return self.segments.run(feeds)
+    def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
+        """Every step's outputs by name, steps in order (a step's carried inputs come from the
+        one before). Each session is opened once for all the steps."""
+        if self.segments is not None:
+            return self.segments.run_steps(steps)
+        sess = session(self.path)
+        results: list[dict[str, np.ndarray]] = []
+        previous: dict[str, np.ndarray] = {}
+        for step in steps:
+            feeds = step.feeds | {i: previous[o] for i, o in step.carried.items()}
+            previous = dict(zip(self.output_names, sess.run(None, feeds)))
+            results.append({n: previous[n] for n in step.outputs or self.output_names})
+        return results
 
 
 def _is_external(value: ir.Value) -> bool:
     return value.is_initializer() and isinstance(value.const_value, ir.ExternalTensor)
 
 
-def _runtime_failure(what: str, error: Exception, atol: float, rtol: float) -> CheckResult:
+def runtime_failure(what: str, error: Exception, atol: float, rtol: float) -> CheckResult:
     first = (str(error).strip().splitlines() or [""])[0]
     message = f"ONNX Runtime cannot run {what}: {type(error).__name__}: {first}"
     return CheckResult(what, float("inf"), float("inf"), atol, rtol, False, error=message)
 
 
+# Resident bytes per stored byte of a promoted (float32-computed) low-precision weight: the
+# stored tensor plus its float32 upcast, which ONNX Runtime folds into a constant.
+PROMOTED_RESIDENT_FACTOR = 3
+
+
 class _SegmentedRunner:
-    """Runs a saved model's main graph in order, as segments of at most `budget` weight bytes.
-    Each segment is cut (and, for a promoted graph, given its upcasts) once and kept as a small
-    model whose initializers are the file's references; a session is opened per segment and
-    run, then dropped, so memory stays one segment's weights. Reusable across runs."""
+    """Runs a saved model's main graph in order, as segments of at most `budget` resident
+    weight bytes. Each segment is cut (and, for a promoted graph, given its upcasts) once and
+    kept as a small model whose initializers are the file's references. Several steps run
+    segment by segment: a segment's session is opened once, every step runs through it, and it
+    is dropped before the next one opens, so memory stays one segment's weights however many
+    steps there are."""
 
     def __init__(self, model: ir.Model, output_dir: str, promote: bool, budget: int) -> None:
         self.output_dir = output_dir
@@ -398,15 +438,37 @@ class _SegmentedRunner:
             for graph_like in [model.graph, *model.functions.values()]:
                 _promote_graph(graph_like)
         functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+        stored_budget = budget // PROMOTED_RESIDENT_FACTOR if promote else budget
         self.segments = [
-            _Segment(model, nodes, functions, promote) for nodes in _segments(model.graph, budget)
+            _Segment(model, nodes, functions, promote) for nodes in _segments(model.graph, stored_budget)
         ]
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        env = dict(feeds)
-        for segment in self.segments:
-            segment.run(env, self.output_dir)
-        return [env[name] for name in self.output_names]
+    def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
+        envs = [dict(step.feeds) for step in steps]
+        for index, segment in enumerate(self.segments):
+            if not segment.output_names:
+                continue
+            sess = None
+            for t, (step, env) in enumerate(zip(steps, envs)):
+                for name, source in step.carried.items():
+                    if name in segment.input_names and name not in env:
+                        # the previous step's value: produced by this segment or an earlier one
+                        assert source in envs[t - 1], f"Bug: {source} is produced after it is carried"
+                        env[name] = envs[t - 1][source]
+                if sess is None:
+                    sess = segment.open(env, self.output_dir)
+                env.update(
+                    zip(segment.output_names, sess.run(None, {n: env[n] for n in segment.input_names}))
+                )
+            del sess  # its weights go before the next segment's come
+            later = {n for s in self.segments[index + 1 :] for n in s.input_names}
+            for t, env in enumerate(envs):
+                keep = later | set(steps[t].outputs or self.output_names)
+                if t + 1 < len(steps):  # not yet taken by the next step
+                    keep |= {src for name, src in steps[t + 1].carried.items() if name not in envs[t + 1]}
+                for name in [n for n in env if n not in keep]:
+                    del env[name]
+        return [{n: env[n] for n in step.outputs or self.output_names} for step, env in zip(steps, envs)]
 
 
 class _Segment:
@@ -448,19 +510,15 @@ class _Segment:
         )
         for value_info in [*self.proto.graph.input, *self.proto.graph.output]:
             value_info.type.tensor_type.ClearField("shape")
-        self.typed: bytes | None = None
 
-    def run(self, env: dict[str, np.ndarray], output_dir: str) -> None:
-        if not self.output_names:
-            return
-        feeds = {name: env[name] for name in self.input_names}
-        if self.typed is None:  # input types from the first arrays fed (promotion changed some)
-            for value_info in self.proto.graph.input:
-                value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
-                    feeds[value_info.name].dtype
-                )
-            self.typed = self.proto.SerializeToString()
-        env.update(zip(self.output_names, session(self.typed, output_dir).run(None, feeds)))
+    def open(self, env: dict[str, np.ndarray], output_dir: str):
+        """A session on this segment, its input types taken from the arrays in `env` (promotion
+        changed some)."""
+        for value_info in self.proto.graph.input:
+            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                env[value_info.name].dtype
+            )
+        return session(self.proto.SerializeToString(), output_dir)
 
 
 def _segments(graph: ir.Graph, budget: int) -> list[list[ir.Node]]:
@@ -557,7 +615,7 @@ def verify_block_group(
             }
             actual = sess.run(None, feeds)
         except Exception as e:  # ONNX Runtime's errors are plain Exceptions
-            results.append(_runtime_failure(f"block {path}", e, atol, rtol))
+            results.append(runtime_failure(f"block {path}", e, atol, rtol))
             continue
         checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
         worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
