@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--sparse", action="store_true", help="real headers, data regions left as holes (all zeros, no disk)"
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="other seeds give other weights (fine-tunes of one architecture)"
+    )
     return parser.parse_args(argv)
 
 
@@ -65,7 +68,7 @@ def llama_config(args: argparse.Namespace):
 
 
 def write_checkpoint(
-    config, output_dir: str, dtype: torch.dtype, shard_bytes: int, *, sparse: bool = False
+    config, output_dir: str, dtype: torch.dtype, shard_bytes: int, *, sparse: bool = False, seed: int = 0
 ) -> int:
     """Write config.json, the safetensors files and the index; return the bytes of tensor data
     (holes when `sparse`)."""
@@ -75,7 +78,8 @@ def write_checkpoint(
         model = transformers.LlamaForCausalLM(config)
     tensors = [(n, tuple(p.shape)) for n, p in model.state_dict().items() if not n.endswith("inv_freq")]
     pool = (
-        torch.from_numpy(np.random.default_rng(0).standard_normal(POOL_VALUES, dtype=np.float32)) * 0.02
+        torch.from_numpy(np.random.default_rng(2 * seed).standard_normal(POOL_VALUES, dtype=np.float32))
+        * 0.02
     ).to(dtype)
     pool_bytes = pool.view(torch.uint8).numpy()
     itemsize = pool.element_size()
@@ -94,7 +98,7 @@ def write_checkpoint(
     config.save_pretrained(output_dir)
     weight_map = {}
     total = 0
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(2 * seed + 1)
     for i, members in enumerate(files):
         file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         header, offset = {}, 0
@@ -132,7 +136,12 @@ def main(argv=None) -> int:
     config = llama_config(args)
     start = time.perf_counter()
     total = write_checkpoint(
-        config, args.output_dir, getattr(torch, args.dtype), int(args.shard_gb * 1e9), sparse=args.sparse
+        config,
+        args.output_dir,
+        getattr(torch, args.dtype),
+        int(args.shard_gb * 1e9),
+        sparse=args.sparse,
+        seed=args.seed,
     )
     params = total // torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     print(

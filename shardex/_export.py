@@ -341,28 +341,33 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    with _ray.ray_session(address, runtime_env=runtime_env) as ray:
-        _ray.check_output_visible(out, readable=plan.source.files)
-        if options["inline"]:
-            # Block checks call the block functions, which the flat graph no longer has: rebuild
-            # them (cheap, weightless captures). The global check runs the flat graph as saved.
-            trunk, blocks, _, _ = _capture_and_stream(
-                dataclasses.replace(plan, shards=[]),
-                memory,
-                out,
-                workers,
-                cpus_per_task=cpus_per_task,
-                ray=ray,
-                cache=_capture_cache.resolve(capture_cache),
-            )
-            program = stitch(plan, trunk, blocks, out)
-        else:
-            program = ir.load(os.path.join(out, MODEL_FILE))
-        new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
-        report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
-    report.shard_hash_mismatches = [
-        s["file"] for s in manifest["shards"] if _output.shard_sha256(out, s) != s["sha256"]
-    ]
+    hashes = _output.shard_hashes(out, manifest["shards"])  # in background threads, meanwhile
+    try:
+        with _ray.ray_session(address, runtime_env=runtime_env) as ray:
+            _ray.check_output_visible(out, readable=plan.source.files)
+            if options["inline"]:
+                # Block checks call the block functions, which the flat graph no longer has: rebuild
+                # them (cheap, weightless captures). The global check runs the flat graph as saved.
+                trunk, blocks, _, _ = _capture_and_stream(
+                    dataclasses.replace(plan, shards=[]),
+                    memory,
+                    out,
+                    workers,
+                    cpus_per_task=cpus_per_task,
+                    ray=ray,
+                    cache=_capture_cache.resolve(capture_cache),
+                )
+                program = stitch(plan, trunk, blocks, out)
+            else:
+                program = ir.load(os.path.join(out, MODEL_FILE))
+            new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
+            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
+        report.shard_hash_mismatches = [
+            s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
+        ]
+    finally:
+        for digest in hashes:  # a failed verification does not wait for them
+            digest.cancel()
     report.seconds = time.perf_counter() - clock
     _record_verification(out, manifest, report)
     if not report.passed:
