@@ -488,7 +488,9 @@ def _capture_and_stream(
     ]
     local_tasks += [_ray.Task(f"link {s.file}", link_shard, (s, out)) for s in todo if s.link_target]
     threads = IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1)
-    with _LocalWork(max(1, min(threads, len(local_tasks))), finished) as local:
+    # While pieces are captured, the captures are the critical path: the writers (hashing) yield.
+    nice = WRITER_NICENESS if captures else 0
+    with _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local:
         for task in local_tasks:
             local.submit(task)
         if captures:
@@ -531,12 +533,28 @@ def _cache_account(cache, keys: dict[str, str] | None, captures: list[_ray.Task]
     }
 
 
+WRITER_NICENESS = 10
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority by `nice` (Linux keeps a nice value per thread)."""
+    if nice:
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice
+            )
+        except OSError:  # not allowed here: the threads run at the coordinator's priority
+            pass
+
+
 class _LocalWork:
     """Tasks run by threads of this process, recorded in the timeline like Ray tasks (on the
     coordinator's row); `on_done` gets each result as it finishes, in the finishing thread."""
 
-    def __init__(self, threads: int, on_done) -> None:
-        self.pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="shardex-local")
+    def __init__(self, threads: int, on_done, nice: int = 0) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="shardex-local", initializer=_lower_priority, initargs=(nice,)
+        )
         self.on_done = on_done
         self.sinks = _ray.active_recordings()
         self.futures: list[concurrent.futures.Future] = []
