@@ -53,6 +53,9 @@ from shardex._weights import ShardResult, link_shard, write_shard
 
 logger = logging.getLogger("shardex")
 
+WRITER_NICENESS = 10  # writer threads yield the CPU to captures by this much
+MAX_WRITER_THREADS = 16  # a 16-core node's disk is saturated by 8-16 writers (BENCHMARKS.md)
+
 
 def export(
     source: str | os.PathLike | nn.Module,
@@ -487,7 +490,7 @@ def _capture_and_stream(
         if s.from_memory
     ]
     local_tasks += [_ray.Task(f"link {s.file}", link_shard, (s, out)) for s in todo if s.link_target]
-    threads = IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1)
+    threads = min(IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1), MAX_WRITER_THREADS)
     # While pieces are captured, the captures are the critical path: the writers (hashing) yield.
     nice = WRITER_NICENESS if captures else 0
     with _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local:
@@ -531,9 +534,6 @@ def _cache_account(cache, keys: dict[str, str] | None, captures: list[_ray.Task]
         "hits": [n for n in names if n not in captured],
         "misses": [n for n in names if n in captured],
     }
-
-
-WRITER_NICENESS = 10
 
 
 def _lower_priority(nice: int) -> None:
@@ -642,16 +642,17 @@ def _verify(
         first = (str(e).strip().splitlines() or [""])[0]
         raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
     check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
-    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it.
+    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it. A group's
+    # members are checked in as many tasks as there are nodes, so a cluster shares them.
     block_tasks = [
         _ray.Task(
-            f"verify {g.function_name}",
+            f"verify {g.function_name}" + (f" {members[0]}..{members[-1]}" if chunks > 1 else ""),
             verify_block_group,
             (
                 check_models[g.function_name],
                 plan,
                 g,
-                {p: reference.boundaries[p] for p in g.members},
+                {p: reference.boundaries[p] for p in members},
                 out,
                 atol_,
                 rtol_,
@@ -659,6 +660,8 @@ def _verify(
             gpu=True,
         )
         for g in plan.groups
+        for chunks in [min(len(g.members), _ray.node_count())]
+        for members in _split(g.members, chunks)
     ]
     decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
     global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
@@ -706,6 +709,12 @@ def _verify(
         len(blocks),
     )
     return report
+
+
+def _split(items: list, parts: int) -> list[list]:
+    """`items` in `parts` consecutive runs of (nearly) equal length."""
+    size = -(-len(items) // parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def _log_verified(task: _ray.Task, checks) -> None:

@@ -407,6 +407,11 @@ def _first_line(error: BaseException) -> str:
     return (meaningful or lines or [""])[0].strip()
 
 
+def node_count() -> int:
+    """How many alive nodes offer CPUs."""
+    return sum(1 for n in _nodes() if n.cpus > 0)
+
+
 def _nodes() -> list[NodeInfo]:
     import ray
 
