@@ -33,7 +33,7 @@ import onnx_ir as ir  # noqa: E402
 import torch  # noqa: E402
 
 from shardex._capture import capture_block, capture_trunk  # noqa: E402
-from shardex._generation import reference_generation, verify_generation  # noqa: E402
+from shardex._generation import reference_generation, verify_saved_model  # noqa: E402
 from shardex._plan import make_plan  # noqa: E402
 from shardex._source import resolve_source  # noqa: E402
 from shardex._stitch import stitch  # noqa: E402
@@ -46,7 +46,6 @@ from shardex._verify import (  # noqa: E402
     reference_run,
     tolerances,
     verify_block_group,
-    verify_global,
 )
 from shardex._weights import write_shard  # noqa: E402
 
@@ -116,7 +115,10 @@ def pipeline(work: str) -> dict:
         inputs = plan.example.resized()
         reference = reference_run(plan, memory, inputs)
         checks = {g.function_name: block_check_model(model, plan, g, promote) for g in plan.groups}
-        outputs = verify_global(plan, out, inputs, reference.outputs, atol, rtol, promote)
+        generation_reference = reference_generation(plan, memory, 8)
+        outputs, generation = verify_saved_model(
+            plan, out, inputs, reference.outputs, generation_reference, atol, rtol, promote
+        )
         blocks = [
             c
             for g in plan.groups
@@ -124,7 +126,6 @@ def pipeline(work: str) -> dict:
                 checks[g.function_name], plan, g, reference.boundaries, out, atol, rtol
             )
         ]
-        generation = verify_generation(plan, out, reference_generation(plan, memory, 8), atol, rtol, promote)
         results[name] = {
             "passed": all(c.passed for c in outputs + blocks) and generation.passed,
             "outputs_max_abs_diff": max(c.max_abs_diff for c in outputs),

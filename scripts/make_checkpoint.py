@@ -2,9 +2,14 @@
 
 Used by the README demo and the benchmarks. Weights are drawn from a pool of normal(0, 0.02)
 values so a 13 GB checkpoint takes seconds of CPU, not minutes; the skeleton comes from
-transformers on the meta device, so names and shapes are exactly the real model's.
+transformers on the meta device, so names and shapes are exactly the real model's. With
+`--sparse` the safetensors headers are real and the data regions are holes (zeros that take no
+disk): a 138 GB Llama-2-70B-shaped checkpoint in a second, for exports that never read the data
+(`--zero-copy`).
 
     python scripts/make_checkpoint.py OUT_DIR [--hidden 512 --layers 8 --dtype float32 ...]
+    python scripts/make_checkpoint.py OUT_DIR --sparse --hidden 8192 --intermediate 28672 \
+        --layers 80 --heads 64 --kv-heads 8 --dtype bfloat16        # Llama-2-70B shapes
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--shard-gb", type=float, default=5.0, help="max size of one safetensors file")
+    parser.add_argument(
+        "--sparse", action="store_true", help="real headers, data regions left as holes (all zeros, no disk)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="other seeds give other weights (fine-tunes of one architecture)"
+    )
     return parser.parse_args(argv)
 
 
@@ -56,15 +67,19 @@ def llama_config(args: argparse.Namespace):
     )
 
 
-def write_checkpoint(config, output_dir: str, dtype: torch.dtype, shard_bytes: int) -> int:
-    """Write config.json, the safetensors files and the index; return the bytes written."""
+def write_checkpoint(
+    config, output_dir: str, dtype: torch.dtype, shard_bytes: int, *, sparse: bool = False, seed: int = 0
+) -> int:
+    """Write config.json, the safetensors files and the index; return the bytes of tensor data
+    (holes when `sparse`)."""
     import transformers
 
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(config)
     tensors = [(n, tuple(p.shape)) for n, p in model.state_dict().items() if not n.endswith("inv_freq")]
     pool = (
-        torch.from_numpy(np.random.default_rng(0).standard_normal(POOL_VALUES, dtype=np.float32)) * 0.02
+        torch.from_numpy(np.random.default_rng(2 * seed).standard_normal(POOL_VALUES, dtype=np.float32))
+        * 0.02
     ).to(dtype)
     pool_bytes = pool.view(torch.uint8).numpy()
     itemsize = pool.element_size()
@@ -83,7 +98,7 @@ def write_checkpoint(config, output_dir: str, dtype: torch.dtype, shard_bytes: i
     config.save_pretrained(output_dir)
     weight_map = {}
     total = 0
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(2 * seed + 1)
     for i, members in enumerate(files):
         file = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         header, offset = {}, 0
@@ -100,6 +115,9 @@ def write_checkpoint(config, output_dir: str, dtype: torch.dtype, shard_bytes: i
         encoded += b" " * (-len(encoded) % 8)
         with open(os.path.join(output_dir, file), "wb") as f:
             f.write(struct.pack("<Q", len(encoded)) + encoded)
+            if sparse:
+                f.truncate(8 + len(encoded) + offset)
+                members = []
             for _, shape in members:
                 remaining = int(np.prod(shape)) * itemsize
                 while remaining:
@@ -117,11 +135,19 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     config = llama_config(args)
     start = time.perf_counter()
-    total = write_checkpoint(config, args.output_dir, getattr(torch, args.dtype), int(args.shard_gb * 1e9))
+    total = write_checkpoint(
+        config,
+        args.output_dir,
+        getattr(torch, args.dtype),
+        int(args.shard_gb * 1e9),
+        sparse=args.sparse,
+        seed=args.seed,
+    )
     params = total // torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     print(
         f"wrote {args.output_dir}: Llama, {args.layers} layers, hidden {args.hidden}, {params / 1e9:.2f}B parameters, "
-        f"{total / 1e9:.2f} GB {args.dtype} in {time.perf_counter() - start:.1f}s",
+        f"{total / 1e9:.2f} GB {args.dtype}{' (sparse: holes)' if args.sparse else ''} in "
+        f"{time.perf_counter() - start:.1f}s",
         file=sys.stderr,
     )
     return 0

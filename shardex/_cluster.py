@@ -15,6 +15,7 @@ import json
 import math
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from importlib import metadata
@@ -69,6 +70,15 @@ class TaskRecord:
 
 
 IO_TASKS_PER_SLOT = 2
+COORDINATOR = "coordinator"  # the node id of work run by the coordinator's own threads
+
+
+def coordinator_record(label: str, start: float, end: float) -> TaskRecord:
+    """The record of work a thread of the coordinator ran itself (not a Ray task): its node is
+    the coordinator, its worker the thread (a Linux thread id, in the PID space)."""
+    return TaskRecord(
+        label, COORDINATOR, socket.gethostname(), "local", threading.get_native_id(), start, end, 0, 0
+    )
 
 
 class Placer:
@@ -233,7 +243,11 @@ def write_timeline(records: Sequence[TaskRecord], path: str) -> None:
     events: list[dict] = []
     for node in nodes:
         row = rows[node["node_id"]]
-        name = f"node {node['address']} {node['node_id'][:8]} ({node['hostname']})"
+        name = (
+            f"coordinator ({node['hostname']})"
+            if node["node_id"] == COORDINATOR
+            else f"node {node['address']} {node['node_id'][:8]} ({node['hostname']})"
+        )
         events.append({"ph": "M", "name": "process_name", "pid": row, "tid": 0, "args": {"name": name}})
         events.append(
             {"ph": "M", "name": "process_sort_index", "pid": row, "tid": 0, "args": {"sort_index": row}}

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,13 +22,13 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from shardex import _output, _ray
-from shardex._capture import capture_block, capture_trunk
+from shardex import _capture_cache, _output, _ray
+from shardex._capture import CapturedPiece, capture_block, capture_trunk
 from shardex._capture import warm_up as warm_up_capture
-from shardex._cluster import summarize_nodes, write_timeline
+from shardex._cluster import IO_TASKS_PER_SLOT, coordinator_record, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
-from shardex._generation import GenerationCheck, reference_generation, verify_generation
+from shardex._generation import reference_generation, verify_saved_model
 from shardex._layout import (
     CONTEXT_LENGTH_KEYS,
     DEFAULT_CONTEXT_LENGTH,
@@ -57,6 +59,9 @@ from shardex._weights import ShardResult, link_shard, write_shard
 
 logger = logging.getLogger("shardex")
 
+WRITER_NICENESS = 10  # writer threads yield the CPU to captures by this much
+MAX_WRITER_THREADS = 16  # a 16-core node's disk is saturated by 8-16 writers (BENCHMARKS.md)
+
 
 def export(
     source: str | os.PathLike | nn.Module,
@@ -86,6 +91,7 @@ def export(
     trust_remote_code: bool = False,
     zero_copy: bool = False,
     revision: str | None = None,
+    capture_cache: bool | str | os.PathLike = True,
 ) -> torch.onnx.ONNXProgram:
     """Export `source` to ONNX in `output_dir` without ever holding all of its weights.
 
@@ -111,6 +117,10 @@ def export(
     for the trade-offs.
     `resume` continues an export that was killed: shards already written whose sha256 matches
     are kept; an output directory holding another model's export is refused.
+    `capture_cache` keeps captured pieces (weightless graphs) for later exports of the same
+    architecture with the same options: True uses ``$SHARDEX_CAPTURE_CACHE`` or
+    ``~/.cache/shardex/captures`` (``$XDG_CACHE_HOME``), a path uses that directory, False none;
+    the output is byte-identical either way (see `_capture_cache`).
 
     Verification compares ONNX Runtime on the saved files with PyTorch, globally and block by
     block; a generation export also decodes `verify_tokens` tokens greedily on both sides.
@@ -138,23 +148,30 @@ def export(
     target = _output.prepare_output_dir(
         os.fspath(output_dir), overwrite=overwrite, resume=resume, source_dir=checkpoint_dir
     )
+    cache = _capture_cache.resolve(capture_cache)
     with target.staged():  # swapped in when complete; a failed export leaves a previous one as it was
         out = target.work
 
         with (
-            _ray.ray_session(address, runtime_env=runtime_env),
+            _ray.ray_session(
+                address,
+                runtime_env=runtime_env,
+                lazy=True,
+                on_start=lambda: _ray.warm_up(warm_up_capture, src.kind),  # workers import torch.onnx etc.
+            ) as ray,
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
         ):
-            _ray.warm_up(warm_up_capture, src.kind)  # workers import torch.onnx etc. while we plan
+            if verify or cache is None:
+                ray.start_soon()  # needed for sure: starts while we plan
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
                 plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes, module)
             _log_plan(plan, timings["plan"])
-            journal = _start_journal(out, plan, options, resume)
+            journal = _start_journal(out, plan, options, resume, ray)
             with _stage(timings, "capture_and_weights"):
-                trunk, blocks, shards = _capture_and_stream(
-                    plan, memory, out, workers, journal, cpus_per_task
+                trunk, blocks, shards, cached = _capture_and_stream(
+                    plan, memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
                 )
             with _stage(timings, "stitch"):
                 model = stitch(plan, trunk, blocks, out)
@@ -172,6 +189,7 @@ def export(
             report = None
             if verify:
                 with _stage(timings, "verify"):
+                    ray.ensure()
                     report = _verify(
                         plan, memory, out, program, atol, rtol, workers, cpus_per_task, verify_tokens
                     )
@@ -187,6 +205,7 @@ def export(
             report=report,
             timings=timings,
             capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
+            capture_cache=cached,
             peak_memory=memory_sampler.peak,
             placement=summarize_nodes(records),
             runtime_files=runtime_files,
@@ -207,17 +226,18 @@ def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
     timings[name] = time.perf_counter() - clock
 
 
-def _start_journal(out: str, plan: Plan, options: dict, resume: bool) -> Journal:
+def _start_journal(out: str, plan: Plan, options: dict, resume: bool, ray: _ray.RaySession) -> Journal:
     """After planning, before any byte is written: the export's fingerprint, the shards a
-    resumed export keeps, room for the rest, the check that every node sees `out`, then the
-    journal."""
+    resumed export keeps, room for the rest, the check that every node of a joined cluster
+    sees `out`, then the journal."""
     fingerprint = _output.fingerprint(plan, options)
     reused = _output.reusable_shards(out, plan, fingerprint) if resume else {}
     os.makedirs(out, exist_ok=True)
     _output.check_free_space(
         out, sum(s.size for s in plan.shards if s.file not in reused and not s.link_target)
     )
-    _ray.check_output_visible(out, readable=plan.source.files)
+    if ray.joins:  # a Ray started here runs on this machine alone
+        _ray.check_output_visible(out, readable=plan.source.files)
     return Journal(out, fingerprint, reused)
 
 
@@ -281,6 +301,7 @@ def verify(
     runtime_env: dict | None = None,
     factory: str | None = None,
     trust_remote_code: bool = False,
+    capture_cache: bool | str | os.PathLike = True,
 ) -> VerificationReport:
     """Re-verify a finished export against its source: ``model.onnx``'s sha256, ONNX Runtime on
     the saved files vs PyTorch globally and per block, the shards' sha256. Updates the manifest;
@@ -291,7 +312,8 @@ def verify(
     code runs only with `trust_remote_code` given here, whatever the manifest says.
     Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given;
     a task's inputs are generated again. A generation export's greedy decoding is checked for
-    `verify_tokens` tokens (default: as many as at export).
+    `verify_tokens` tokens (default: as many as at export). `capture_cache` serves the pieces an
+    inlined export's block checks need, as in `export`.
     """
     _check_run_options(workers, atol, rtol, verify_tokens)
     out = os.path.abspath(os.fspath(output_dir))
@@ -328,22 +350,33 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    with _ray.ray_session(address, runtime_env=runtime_env):
-        _ray.check_output_visible(out, readable=plan.source.files)
-        if options["inline"]:
-            # Block checks call the block functions, which the flat graph no longer has: rebuild
-            # them (cheap, weightless captures). The global check runs the flat graph as saved.
-            trunk, blocks, _ = _capture_and_stream(
-                dataclasses.replace(plan, shards=[]), memory, out, workers, cpus_per_task=cpus_per_task
-            )
-            program = stitch(plan, trunk, blocks, out)
-        else:
-            program = ir.load(os.path.join(out, MODEL_FILE))
-        new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
-        report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
-    report.shard_hash_mismatches = [
-        s["file"] for s in manifest["shards"] if _output.shard_sha256(out, s) != s["sha256"]
-    ]
+    hashes = _output.shard_hashes(out, manifest["shards"])  # in background threads, meanwhile
+    try:
+        with _ray.ray_session(address, runtime_env=runtime_env) as ray:
+            _ray.check_output_visible(out, readable=plan.source.files)
+            if options["inline"]:
+                # Block checks call the block functions, which the flat graph no longer has: rebuild
+                # them (cheap, weightless captures). The global check runs the flat graph as saved.
+                trunk, blocks, _, _ = _capture_and_stream(
+                    dataclasses.replace(plan, shards=[]),
+                    memory,
+                    out,
+                    workers,
+                    cpus_per_task=cpus_per_task,
+                    ray=ray,
+                    cache=_capture_cache.resolve(capture_cache),
+                )
+                program = stitch(plan, trunk, blocks, out)
+            else:
+                program = ir.load(os.path.join(out, MODEL_FILE))
+            new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
+            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
+        report.shard_hash_mismatches = [
+            s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
+        ]
+    finally:
+        for digest in hashes:  # a failed verification does not wait for them
+            digest.cancel()
     report.seconds = time.perf_counter() - clock
     _record_verification(out, manifest, report)
     if not report.passed:
@@ -412,49 +445,160 @@ def _capture_and_stream(
     workers: int | None,
     journal: Journal | None = None,
     cpus_per_task: float = 1,
+    *,
+    ray: _ray.RaySession,
+    cache: _capture_cache.CaptureCache | None = None,
 ):
-    """Capture pieces and file-sourced shards on Ray; memory-held shards and zero-copy links in
-    a local thread. Shards the journal already holds (a resumed export) are not written again."""
+    """Capture the pieces the capture cache lacks (on Ray) while the shards are written, and
+    return (trunk, blocks by group id, shard results in plan order, the cache's account).
+
+    Shards are written by threads of this process when every Ray worker would be on this
+    machine anyway (kernel copies, hashing and fsync release the GIL; no worker process, no
+    object store), else as Ray tasks spread over the cluster's nodes. Memory-held tensors and
+    zero-copy links are always local. Shards the journal already holds (a resumed export) are
+    not written again."""
     entries = {t.name: t for t in plan.tensors}
     done = journal.results if journal else {}
     todo = [s for s in plan.shards if s.file not in done]
-    tasks = [_ray.Task("capture trunk", capture_trunk, (plan,))]
-    tasks += [_ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id)) for g in plan.groups]
+    keys = _capture_cache.piece_keys(plan) if cache is not None else None
+    pieces: dict[str, CapturedPiece] = {}
+    if keys is not None:
+        pieces = {name: piece for name, key in keys.items() if (piece := cache.get(key)) is not None}
+    captures = [_ray.Task("capture trunk", capture_trunk, (plan,))] if "trunk" not in pieces else []
+    captures += [
+        _ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id))
+        for g in plan.groups
+        if g.function_name not in pieces
+    ]
+    remote = ray.spans_other_machines()  # a Ray this export may still start runs here alone
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
-    tasks += [
+    writes = [
         _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
         for s in file_shards
     ]
-    progress = _Progress(len(plan.groups) + 1, sum(s.size for s in plan.shards))
+    progress = _Progress(len(plan.groups) + 1 - len(pieces), sum(s.size for s in plan.shards))
+    lock = threading.Lock()
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as local:
-        local_results = [
-            local.submit(
-                write_shard, s, [entries[n] for n in s.tensors], out, {n: memory[n] for n in s.tensors}
-            )
-            for s in todo
-            if s.from_memory
-        ]
-        local_results += [local.submit(link_shard, s, out) for s in todo if s.link_target]
-
-        def finished(result) -> None:
+    def finished(result) -> None:
+        with lock:
             progress.done(result)
             if journal and isinstance(result, ShardResult):
                 journal.record(result)
 
-        results = _ray.run_tasks(
-            tasks,
-            max_in_flight=workers,
-            on_done=lambda task, result: finished(result),
-            cpus_per_task=cpus_per_task,
+    local_tasks = [] if remote else writes
+    local_tasks += [
+        _ray.Task(
+            f"write {s.file}",
+            write_shard,
+            (s, [entries[n] for n in s.tensors], out, {n: memory[n] for n in s.tensors}),
         )
-        for future in local_results:
-            finished(future.result())
-    trunk = results[0]
-    blocks = {g.id: piece for g, piece in zip(plan.groups, results[1 : 1 + len(plan.groups)])}
-    shard_results = dict(done) | {r.file: r for r in results[1 + len(plan.groups) :]}
-    shard_results.update({f.result().file: f.result() for f in local_results})
-    return trunk, blocks, [shard_results[s.file] for s in plan.shards]
+        for s in todo
+        if s.from_memory
+    ]
+    local_tasks += [_ray.Task(f"link {s.file}", link_shard, (s, out)) for s in todo if s.link_target]
+    threads = min(IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1), MAX_WRITER_THREADS)
+    # While pieces are captured, the captures are the critical path: the writers (hashing) yield.
+    nice = WRITER_NICENESS if captures else 0
+    with _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local:
+        for task in local_tasks:
+            local.submit(task)
+        if captures:
+            ray.ensure()  # the shards are being written meanwhile
+        remote_tasks = captures + (writes if remote else [])
+        results = (
+            _ray.run_tasks(
+                remote_tasks,
+                max_in_flight=workers,
+                on_done=lambda task, result: finished(result),
+                cpus_per_task=cpus_per_task,
+            )
+            if remote_tasks
+            else []
+        )
+        local_results = local.results()
+    for piece in results[: len(captures)]:
+        pieces[piece.name] = piece
+        if keys is not None:
+            cache.put(keys[piece.name], piece)
+    trunk = pieces["trunk"]
+    blocks = {g.id: pieces[g.function_name] for g in plan.groups}
+    shard_results = dict(done) | {r.file: r for r in [*results[len(captures) :], *local_results]}
+    account = _cache_account(cache, keys, captures, plan)
+    return trunk, blocks, [shard_results[s.file] for s in plan.shards], account
+
+
+def _cache_account(cache, keys: dict[str, str] | None, captures: list[_ray.Task], plan: Plan) -> dict:
+    """What the manifest records of the capture cache: where it is, and which pieces came from it."""
+    if cache is None:
+        return {"directory": None, "hits": [], "misses": []}
+    if keys is None:
+        return {"directory": cache.directory, "hits": [], "misses": [], "skipped": "source not cacheable"}
+    captured = {t.label.removeprefix("capture ") for t in captures}
+    names = ["trunk", *(g.function_name for g in plan.groups)]
+    return {
+        "directory": cache.directory,
+        "hits": [n for n in names if n not in captured],
+        "misses": [n for n in names if n in captured],
+    }
+
+
+def _lower_priority(nice: int) -> None:
+    """Lower this thread's CPU priority by `nice` (Linux keeps a nice value per thread)."""
+    if nice:
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice
+            )
+        except OSError:  # not allowed here: the threads run at the coordinator's priority
+            pass
+
+
+class _LocalWork:
+    """Tasks run by threads of this process, recorded in the timeline like Ray tasks (on the
+    coordinator's row); `on_done` gets each result as it finishes, in the finishing thread."""
+
+    def __init__(self, threads: int, on_done, nice: int = 0) -> None:
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="shardex-local", initializer=_lower_priority, initargs=(nice,)
+        )
+        self.on_done = on_done
+        self.sinks = _ray.active_recordings()
+        self.futures: list[concurrent.futures.Future] = []
+        self.callback_errors: list[BaseException] = []
+
+    def __enter__(self) -> _LocalWork:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, task: _ray.Task) -> None:
+        def run():
+            start = time.time()
+            result = task.fn(*task.args)
+            return result, coordinator_record(task.label, start, time.time())
+
+        future = self.pool.submit(run)
+        future.add_done_callback(self._done)
+        self.futures.append(future)
+
+    def _done(self, future: concurrent.futures.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        result, record = future.result()
+        for sink in self.sinks:
+            sink.append(record)
+        try:
+            self.on_done(result)
+        except BaseException as e:  # e.g. the journal cannot be written: raised by results()
+            self.callback_errors.append(e)
+
+    def results(self) -> list:
+        """Every task's result in submission order; the first failure is raised."""
+        results = [future.result()[0] for future in self.futures]
+        if self.callback_errors:
+            raise self.callback_errors[0]
+        return results
 
 
 class _Progress:
@@ -485,9 +629,10 @@ class _Progress:
 def _verify(
     plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1, new_tokens: int = 0
 ) -> VerificationReport:
-    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved, one
-    check per block group and, for a generation export with `new_tokens`, greedy decoding
-    compared step by step. `program` is the stitched model in function form (before any
+    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved and
+    one check per block group. A generation export with `new_tokens` also decodes greedily
+    here, while the block checks run on Ray; its ONNX Runtime steps then run in the global
+    check's pass over the weights. `program` is the stitched model in function form (before any
     inlining): the block checks call its functions."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
@@ -503,18 +648,17 @@ def _verify(
         first = (str(e).strip().splitlines() or [""])[0]
         raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
     check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
-    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
-    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it.
-    tasks = [_ray.Task("verify global", verify_global, global_args, gpu=True)]
-    tasks += [
+    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it. A group's
+    # members are checked in as many tasks as there are nodes, so a cluster shares them.
+    block_tasks = [
         _ray.Task(
-            f"verify {g.function_name}",
+            f"verify {g.function_name}" + (f" {members[0]}..{members[-1]}" if chunks > 1 else ""),
             verify_block_group,
             (
                 check_models[g.function_name],
                 plan,
                 g,
-                {p: reference.boundaries[p] for p in g.members},
+                {p: reference.boundaries[p] for p in members},
                 out,
                 atol_,
                 rtol_,
@@ -522,20 +666,45 @@ def _verify(
             gpu=True,
         )
         for g in plan.groups
+        for chunks in [min(len(g.members), _ray.node_count())]
+        for members in _split(g.members, chunks)
     ]
-    if new_tokens and plan.task == TEXT_GENERATION_WITH_PAST:
-        logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
-        generation = reference_generation(plan, memory, new_tokens)
-        generation_args = (plan, out, generation, atol_, rtol_, promote)
-        tasks.append(_ray.Task("verify generation", verify_generation, generation_args, gpu=True))
-    results = _ray.run_tasks(tasks, max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task)
-    generation = results.pop() if isinstance(results[-1], GenerationCheck) else None
+    decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
+    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
+        if decode and workers != 1:  # the block checks run on Ray while PyTorch decodes here
+            blocks_future = background.submit(
+                contextvars.copy_context().run,
+                _ray.run_tasks,
+                block_tasks,
+                max_in_flight=workers - 1 if workers else None,
+                on_done=_log_verified,
+                cpus_per_task=cpus_per_task,
+            )
+            block_tasks = []
+        generation = None
+        if decode:
+            logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
+            generation = reference_generation(plan, memory, new_tokens)
+            saved = _ray.Task(
+                "verify global and generation",
+                verify_saved_model,
+                (*global_args[:4], generation, *global_args[4:]),
+                gpu=True,
+            )
+        else:
+            saved = _ray.Task("verify global", verify_global, global_args, gpu=True)
+        results = _ray.run_tasks(
+            [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
+        )
+        global_checks, generation_check = results[0] if generation is not None else (results[0], None)
+        group_checks = results[1:] if block_tasks else blocks_future.result()
     runtime = f"{MODEL_FILE} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
-    blocks = [check for group_checks in results[1:] for check in group_checks]
+    blocks = [check for checks in group_checks for check in checks]
     report = VerificationReport(
-        method, dtype_name(compute), shapes, results[0], blocks, generation=generation
+        method, dtype_name(compute), shapes, global_checks, blocks, generation=generation_check
     )
     report.seconds = time.perf_counter() - start
     worst = max((c.max_abs_diff for c in report.outputs), default=0.0)
@@ -548,10 +717,16 @@ def _verify(
     return report
 
 
+def _split(items: list, parts: int) -> list[list]:
+    """`items` in `parts` consecutive runs of (nearly) equal length."""
+    size = -(-len(items) // parts)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def _log_verified(task: _ray.Task, checks) -> None:
     """Progress on the driver: workers' own logs do not reach it."""
-    if isinstance(checks, GenerationCheck):
-        checks = checks.checks()
+    if isinstance(checks, tuple):  # the global checks and the generation check
+        checks = [*checks[0], *checks[1].checks()]
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
     if worst is not None:
         failed = sum(not c.passed for c in checks)

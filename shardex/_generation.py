@@ -23,8 +23,19 @@ import logging
 import numpy as np
 import torch
 
-from shardex._plan import Plan
-from shardex._verify import CheckResult, SavedModelRunner, StreamedReference, _to_numpy, compare
+from shardex._output import MODEL_FILE
+from shardex._plan import ExampleInputs, Plan
+from shardex._verify import (
+    CheckResult,
+    SavedModelRunner,
+    Step,
+    StreamedReference,
+    _to_numpy,
+    compare,
+    global_checks,
+    global_step,
+    runtime_failure,
+)
 
 logger = logging.getLogger("shardex")
 
@@ -136,64 +147,51 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
     return GenerationReference(ids, mask, np.stack(tokens, axis=1), prefill_logits, step_logits)
 
 
-def verify_generation(
-    plan: Plan,
-    output_dir: str,
-    reference: GenerationReference,
-    atol: float,
-    rtol: float,
-    promote: bool,
-) -> GenerationCheck:
-    """ONNX Runtime's steps on ``model.onnx`` as saved, fed PyTorch's tokens: its greedy choice
-    and logits at every step."""
-    runner = SavedModelRunner(output_dir, promote)
+def generation_steps(plan: Plan, reference: GenerationReference, promote: bool) -> list[Step]:
+    """ONNX Runtime's steps, fed PyTorch's tokens: the prompt with an empty past, then each of
+    PyTorch's tokens with the previous step's presents as the past. All known in advance, so
+    every step runs in one pass over the weights (`SavedModelRunner.run_steps`)."""
     example = {name: _to_numpy(t) for name, t in zip(plan.input_names, plan.example.flat_tensors())}
     batch = reference.input_ids.shape[0]
-    feeds_past = {}
+    past = {}
     for i, shapes in enumerate(_empty_past(plan, batch)):
         for kind, shape in zip(("key", "value"), shapes):
             name = f"past_key_values.{i}.{kind}"
-            dtype = np.float32 if promote else example[name].dtype
-            feeds_past[name] = np.zeros(shape, dtype)
+            past[name] = np.zeros(shape, np.float32 if promote else example[name].dtype)
+    carried = {name: name.replace("past_key_values.", "present.", 1) for name in past}
     step_ids, step_mask = reference.input_ids, reference.attention_mask
-    choices, decode_checks, prefill = [], [], None
+    steps = []
     for step in range(reference.tokens.shape[1]):
         feeds = {
             "input_ids": step_ids,
             "attention_mask": step_mask,
             "position_ids": _positions(step_mask)[:, -step_ids.shape[1] :],
-            **feeds_past,
         }
-        outputs = dict(zip(runner.output_names, runner.run({n: feeds[n] for n in runner.input_names})))
-        logits = outputs["logits"]
-        if step == 0:
-            real = reference.attention_mask.astype(bool)
-            prefill = compare(
-                "generation: prefill logits", logits[real], reference.prefill_logits[real], atol, rtol
-            )
-        else:
-            decode_checks.append(
-                compare(
-                    f"generation: decode step {step} logits",
-                    logits[:, -1],
-                    reference.step_logits[step - 1],
-                    atol,
-                    rtol,
-                )
-            )
-        choices.append(logits[:, -1].argmax(-1))
-        feeds_past = {
-            n.replace("present.", "past_key_values.", 1): v
-            for n, v in outputs.items()
-            if n.startswith("present.")
-        }
+        feeds = {n: v for n, v in feeds.items() if n in plan.input_names}
+        steps.append(Step(feeds | past, {}, ["logits"]) if step == 0 else Step(feeds, carried, ["logits"]))
         step_ids = reference.tokens[:, step : step + 1].astype(np.int64)  # PyTorch's token, for both
         step_mask = np.concatenate([step_mask, np.ones((batch, 1), np.int64)], axis=1)
+    return steps
+
+
+def generation_check(
+    reference: GenerationReference, logits: list[np.ndarray], atol: float, rtol: float
+) -> GenerationCheck:
+    """ONNX Runtime's greedy choice and logits at each step (`logits`, fed PyTorch's prefix)
+    against PyTorch's tokens and logits."""
+    real = reference.attention_mask.astype(bool)
+    prefill = compare(
+        "generation: prefill logits", logits[0][real], reference.prefill_logits[real], atol, rtol
+    )
+    decode_checks = [
+        compare(f"generation: decode step {step} logits", step_logits[:, -1], expected, atol, rtol)
+        for step, (step_logits, expected) in enumerate(zip(logits[1:], reference.step_logits), start=1)
+    ]
     worst = max(decode_checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
     check = GenerationCheck(
         new_tokens=reference.tokens.shape[1],
         torch_tokens=reference.tokens.tolist(),
-        onnx_tokens=np.stack(choices, axis=1).tolist(),
+        onnx_tokens=np.stack([step_logits[:, -1].argmax(-1) for step_logits in logits], axis=1).tolist(),
         prefill=prefill,
         decode=worst or dataclasses.replace(prefill, name="generation: decode steps (none)"),
     )
@@ -205,3 +203,32 @@ def verify_generation(
         check.decode.max_abs_diff,
     )
     return check
+
+
+def failed_generation(reference: GenerationReference, failure: CheckResult) -> GenerationCheck:
+    """The generation check when ONNX Runtime could not run the steps at all."""
+    return GenerationCheck(reference.tokens.shape[1], reference.tokens.tolist(), [], failure, failure)
+
+
+def verify_saved_model(
+    plan: Plan,
+    output_dir: str,
+    inputs: ExampleInputs,
+    reference_outputs: list[np.ndarray],
+    generation: GenerationReference,
+    atol: float,
+    rtol: float,
+    promote: bool,
+) -> tuple[list[CheckResult], GenerationCheck]:
+    """The global check and the greedy-decoding check of a generation export in one pass over
+    ``model.onnx``'s weights: each session (the file, or each segment) is opened once for the
+    global step and every decoding step."""
+    runner = SavedModelRunner(output_dir, promote)
+    steps = [global_step(runner, inputs, promote), *generation_steps(plan, generation, promote)]
+    try:
+        global_outputs, *step_outputs = runner.run_steps(steps)
+    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+        failure = runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)
+        return [failure], failed_generation(generation, failure)
+    checks = global_checks(runner, global_outputs, reference_outputs, atol, rtol)
+    return checks, generation_check(generation, [o["logits"] for o in step_outputs], atol, rtol)

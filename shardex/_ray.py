@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -56,50 +57,161 @@ def worker_runtime_env() -> dict:
 
 @contextlib.contextmanager
 def ray_session(
-    address: str | None, *, num_cpus: int | None = None, runtime_env: dict | None = None
-) -> Iterator[str]:
+    address: str | None,
+    *,
+    num_cpus: int | None = None,
+    runtime_env: dict | None = None,
+    lazy: bool = False,
+    on_start: Callable[[], None] | None = None,
+) -> Iterator[RaySession]:
     """Use the Ray already initialized in this process, join `address` / ``RAY_ADDRESS``, or
     start a local Ray for the duration of the block (and stop it after).
+
+    With `lazy`, a local Ray is started only when a stage asks for it (`RaySession.ensure`,
+    `RaySession.start_soon`): an export whose pieces all come from the capture cache and that
+    is not verified needs none. A cluster to join, or a Ray already initialized, is used at once.
+    `on_start` runs once Ray is up (e.g. to warm workers up).
 
     A joined cluster's workers import shardex from their own environment (the driver's import
     path is not shipped): `runtime_env` (e.g. ``{"pip": [...]}`` or ``{"py_modules": [...]}``)
     is passed to Ray for them. A cluster with token authentication needs ``RAY_AUTH_MODE=token``
     and its token in this process's environment, as every Ray client does.
     """
-    import ray
-
-    if ray.is_initialized():
-        yield "existing"
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    start = time.perf_counter()
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.ERROR,  # Ray's own start-up warnings are not the user's business
-        "log_to_driver": False,
-    }
-    if address is None:
-        kwargs["num_cpus"] = num_cpus or os.cpu_count()
-        kwargs["runtime_env"] = _local_runtime_env(runtime_env)
-    elif runtime_env:
-        kwargs["runtime_env"] = runtime_env
+    session = RaySession(address, num_cpus=num_cpus, runtime_env=runtime_env, on_start=on_start)
     try:
-        context = ray.init(address=address, **kwargs)
-    except Exception as e:
-        raise ShardexError(_auth_error(address, e) or _start_error(address, e)) from e
-    resources = ray.cluster_resources()
-    logger.info(
-        "Ray %s in %.1fs: %d node(s), %g CPUs, %g GPUs",
-        f"joined at {address}" if address else "started locally",
-        time.perf_counter() - start,
-        len(_nodes()),
-        resources.get("CPU", 0),
-        resources.get("GPU", 0),
-    )
-    try:
-        yield context.address_info.get("address", "local")
+        if session.joins or not lazy:
+            session.ensure()
+        yield session
     finally:
-        ray.shutdown()
+        session.close()
+
+
+class RaySession:
+    """Ray for one command: started (or joined) at most once, in this thread or in the
+    background, and stopped on `close` if it was started here."""
+
+    def __init__(
+        self,
+        address: str | None,
+        *,
+        num_cpus: int | None = None,
+        runtime_env: dict | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
+        import ray
+
+        self.existing = ray.is_initialized()
+        self.address = None if self.existing else (address or os.environ.get("RAY_ADDRESS") or None)
+        self.num_cpus = num_cpus
+        self.runtime_env = runtime_env
+        self.on_start = on_start
+        self.started = self.existing
+        self._owned = False
+        self._thread: threading.Thread | None = None
+        self._up = threading.Event()  # the background start finished (or failed)
+        self._closed = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def joins(self) -> bool:
+        """Whether this session uses a Ray it did not start (a cluster, or one already up)."""
+        return self.existing or self.address is not None
+
+    def start_soon(self) -> None:
+        """Start Ray in a background thread (Ray's start is mostly waiting on its daemons), so
+        the coordinator can plan meanwhile; `ensure` waits for it. The thread lives until
+        `close`: Ray's daemons are started with a parent-death signal, which Linux sends when
+        the *thread* that started them ends."""
+        if self.started or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._start_and_hold, name="shardex-ray", daemon=True)
+        self._thread.start()
+
+    def ensure(self) -> None:
+        """Ray is up when this returns (started here if nothing started it yet)."""
+        if self._thread is not None:
+            self._up.wait()
+            if self._error is not None:
+                raise self._error
+        if not self.started:
+            self._start()
+
+    def spans_other_machines(self) -> bool:
+        """Whether work placed on Ray may run on another machine than this one: a Ray that is
+        up and has a node with CPUs other than this process's node."""
+        if not self.started:
+            return False
+        import ray
+
+        here = ray.get_runtime_context().get_node_id()
+        return any(n.node_id != here for n in _nodes() if n.cpus > 0)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._up.wait()
+        if self._owned:
+            import ray
+
+            ray.shutdown()
+            self._owned = False
+        if self._thread is not None:
+            self._closed.set()
+            self._thread.join()
+            self._thread = None
+
+    def _start_and_hold(self) -> None:
+        try:
+            self._start()
+        except BaseException as e:  # re-raised by ensure() in the coordinator's thread
+            self._error = e
+        finally:
+            self._up.set()
+        self._closed.wait()
+
+    def _start(self) -> None:
+        import ray
+
+        start = time.perf_counter()
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": logging.ERROR,  # Ray's own start-up warnings are not the user's business
+            "log_to_driver": False,
+        }
+        if self.address is None:
+            kwargs["num_cpus"] = self.num_cpus or os.cpu_count()
+            kwargs["runtime_env"] = _local_runtime_env(self.runtime_env)
+        elif self.runtime_env:
+            kwargs["runtime_env"] = self.runtime_env
+        with _quiet_ray_logger():
+            try:
+                ray.init(address=self.address, **kwargs)
+            except Exception as e:
+                raise ShardexError(_auth_error(self.address, e) or _start_error(self.address, e)) from e
+        self.started = self._owned = True
+        resources = ray.cluster_resources()
+        logger.info(
+            "Ray %s in %.1fs: %d node(s), %g CPUs, %g GPUs",
+            f"joined at {self.address}" if self.address else "started locally",
+            time.perf_counter() - start,
+            len(_nodes()),
+            resources.get("CPU", 0),
+            resources.get("GPU", 0),
+        )
+        if self.on_start is not None:
+            self.on_start()
+
+
+@contextlib.contextmanager
+def _quiet_ray_logger() -> Iterator[None]:
+    """Ray warns that it sets no SIGTERM handler when started off the main thread: that is
+    the point (the CLI's own handler stays)."""
+    ray_logger = logging.getLogger("ray")
+    level = ray_logger.level
+    ray_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ray_logger.setLevel(level)
 
 
 def _local_runtime_env(runtime_env: dict | None) -> dict:
@@ -167,6 +279,12 @@ class Task:
     io_bound: bool = False
     # Ask for a share of a GPU when the task lands on a node that has one (none elsewhere).
     gpu: bool = False
+
+
+def active_recordings() -> tuple[list[TaskRecord], ...]:
+    """The lists of the enclosing `recording()` blocks, for work that runs outside Ray (threads
+    of the coordinator, which do not inherit this context) to append its records to."""
+    return _RECORDINGS.get()
 
 
 @contextlib.contextmanager
@@ -287,6 +405,11 @@ def _first_line(error: BaseException) -> str:
     lines = [line for line in str(error).strip().splitlines() if line.strip()]
     meaningful = [line for line in lines if not line.lstrip().startswith(("\x1b", "ray::"))]
     return (meaningful or lines or [""])[0].strip()
+
+
+def node_count() -> int:
+    """How many alive nodes offer CPUs."""
+    return sum(1 for n in _nodes() if n.cpus > 0)
 
 
 def _nodes() -> list[NodeInfo]:

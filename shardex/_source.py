@@ -326,15 +326,23 @@ def check_stored_dtype(name: str, location: TensorLocation, expected: torch.dtyp
         )
 
 
-def read_tensor(location: TensorLocation) -> torch.Tensor:
-    """Read one tensor with a single bounded read (no mmap: only this tensor's bytes are touched)."""
+def read_tensor(location: TensorLocation, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with a single bounded read (no mmap: only this tensor's bytes are touched),
+    into `out` (contiguous, of the tensor's dtype and size) when given: a reused buffer is
+    neither zeroed nor faulted in again."""
     dtype = SAFETENSORS_TO_TORCH.get(location.dtype)
     if dtype is None:
         raise SourceError(f"{location.file}: unsupported safetensors dtype {location.dtype}.")
+    if out is None:
+        out = torch.empty(location.shape, dtype=dtype)
+    assert (
+        out.dtype == dtype and out.is_contiguous() and out.numel() * out.element_size() == location.nbytes
+    ), f"Bug: a buffer of {out.dtype} {list(out.shape)} cannot hold {location.dtype} {list(location.shape)}"
+    if not location.nbytes:
+        return out.reshape(location.shape)
+    view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
     fd = os.open(location.file, os.O_RDONLY)
     try:
-        data = bytearray(location.nbytes)
-        view = memoryview(data)
         done = 0
         while done < location.nbytes:
             n = os.preadv(fd, [view[done:]], location.offset + done)
@@ -346,9 +354,7 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
             done += n
     finally:
         os.close(fd)
-    if not data:
-        return torch.empty(location.shape, dtype=dtype)
-    return torch.frombuffer(data, dtype=dtype).reshape(location.shape)
+    return out.reshape(location.shape)
 
 
 @contextlib.contextmanager

@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from shardex._conversions import read_source
-from shardex._dtypes import LOW_PRECISION, TORCH_TO_ONNX, dtype_name, numpy_dtype
+from shardex._dtypes import LOW_PRECISION, SAFETENSORS_TO_TORCH, TORCH_TO_ONNX, dtype_name, numpy_dtype
 from shardex._output import MODEL_FILE
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import named_tensors
+from shardex._source import TensorLocation, named_tensors, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
 from shardex._tasks import call_block, merge_cache, split_cache
 
@@ -126,7 +126,12 @@ def reference_device() -> torch.device:
 
 
 class _WeightLoader:
-    """Loads a tensor from the source, rounded through its export dtype, in the compute dtype."""
+    """Loads a tensor from the source, rounded through its export dtype, in the compute dtype.
+
+    Block weights are loaded for every call of their block: `load(..., pooled=True)` fills
+    buffers taken from a pool, which `release` gives back once the block has run. Blocks of a
+    group have the same shapes, so after the first block no buffer is allocated, zeroed or
+    faulted in again (fresh multi-GB allocations per forward cost more than the reads)."""
 
     def __init__(
         self, plan: Plan, memory: dict[str, torch.Tensor], compute: torch.dtype, device: torch.device
@@ -135,15 +140,35 @@ class _WeightLoader:
         self.memory = memory
         self.compute = compute
         self.device = device
+        self.pool: dict[tuple, list[torch.Tensor]] = {}
 
-    def load(self, name: str) -> torch.Tensor:
+    def load(self, name: str, *, pooled: bool = False) -> torch.Tensor:
         entry = self.plan.entry(name)
         dtype = getattr(torch, entry.dtype)
-        tensor = (
-            read_source(entry.source, dtype) if entry.source is not None else self.memory[entry.name].detach()
-        )
+        if entry.source is None:
+            tensor = self.memory[entry.name].detach()
+        elif pooled and isinstance(entry.source, TensorLocation):
+            stored = SAFETENSORS_TO_TORCH[entry.source.dtype]
+            raw = read_tensor(entry.source, self._take(entry.source.shape, stored, torch.device("cpu")))
+            tensor = raw.to(dtype)
+            self.release([raw])
+        else:
+            tensor = read_source(entry.source, dtype)
         tensor = tensor.to(self.device, dtype)
-        return tensor.to(self.compute) if tensor.is_floating_point() else tensor
+        if not tensor.is_floating_point():
+            return tensor
+        if not pooled:
+            return tensor.to(self.compute)
+        return self._take(tensor.shape, self.compute, self.device).copy_(tensor)
+
+    def release(self, tensors) -> None:
+        """Give pooled tensors back once nothing uses them."""
+        for t in tensors:
+            self.pool.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+    def _take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self.pool.get((tuple(shape), dtype, device))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
 
 
 class _StreamedBlock(nn.Module):
@@ -162,11 +187,12 @@ class _StreamedBlock(nn.Module):
         self.layer = layer
 
     def forward(self, *args, **kwargs):
-        weights = {n: self.loader.load(f"{self.path}.{n}") for n in self.group.weight_names}
+        weights = {n: self.loader.load(f"{self.path}.{n}", pooled=True) for n in self.group.weight_names}
         args, kwargs, cache = split_cache(args, kwargs, self.layer)
         output = call_block(
             lambda *a, **k: torch.func.functional_call(self.block, weights, a, k), args, kwargs
         )
+        self.loader.release(t for t in weights.values() if t.is_floating_point())
         if self.record is not None:
             self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
         return merge_cache(output, cache, self.layer)
@@ -273,11 +299,16 @@ def session(model: str | bytes, weights_dir: str | None = None):
     return ort.InferenceSession(model, options, providers=providers())
 
 
+SESSION_BUDGET_CAP = 1 << 30  # resident weight bytes of one session: more is no faster, only bigger
+
+
 def session_budget() -> int:
-    """Weight bytes one verification session may load: a quarter of this node's free memory."""
+    """Resident weight bytes one verification session may hold: a quarter of this node's free
+    memory, at most `SESSION_BUDGET_CAP`. A larger model runs as segments, each loaded once
+    however many runs (generation steps) go through it, so the cap costs no time."""
     import psutil
 
-    return psutil.virtual_memory().available // 4
+    return min(psutil.virtual_memory().available // 4, SESSION_BUDGET_CAP)
 
 
 def providers() -> list[str]:
@@ -305,6 +336,16 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, atol: float, rt
     return CheckResult(name, max_abs, max_rel, atol, rtol, passed)
 
 
+@dataclasses.dataclass
+class Step:
+    """One run of the saved model: its `feeds`, plus inputs taken from the previous step's
+    outputs (`carried`: input name -> output name, e.g. a KV cache's past from its present)."""
+
+    feeds: dict[str, np.ndarray]
+    carried: dict[str, str] = dataclasses.field(default_factory=dict)
+    outputs: list[str] | None = None  # the outputs to return (default: all)
+
+
 def verify_global(
     plan: Plan,
     output_dir: str,
@@ -321,24 +362,35 @@ def verify_global(
     length): shardex reads no weight. When the weights fit `max_session_bytes` (default
     `session_budget()`), one session runs the whole file (a float32-promoted copy of it where
     the export is bf16/fp16, its initializers still references into the shards). Otherwise the
-    main graph runs in order as segments of at most that many weight bytes, each a small model
-    whose initializers are the file's own references; every tensor is loaded at least once and
-    memory stays about one segment's weights plus the activations. A flat (inlined) graph is
-    run as written, like one with block functions.
+    main graph runs in order as segments of at most that many resident weight bytes, each a
+    small model whose initializers are the file's own references; every tensor is loaded at
+    least once and memory stays about one segment's weights plus the activations. A flat
+    (inlined) graph is run as written, like one with block functions.
     """
     runner = SavedModelRunner(output_dir, promote, max_session_bytes)
+    try:
+        (outputs,) = runner.run_steps([global_step(runner, inputs, promote)])
+    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+        return [runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
+    return global_checks(runner, outputs, reference, atol, rtol)
+
+
+def global_step(runner: SavedModelRunner, inputs: ExampleInputs, promote: bool) -> Step:
+    """The global check's run: the verification inputs (float32 where the graph was promoted)."""
     tensors = inputs.flat_tensors()
     if promote:  # the promoted graph takes float32 where the export takes bf16/fp16
         tensors = [t.float() if t.dtype in LOW_PRECISION else t for t in tensors]
-    feeds = {name: _to_numpy(t) for name, t in zip(runner.input_names, tensors)}
-    try:
-        actual = runner.run(feeds)
-    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
-        return [_runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
-    if len(actual) != len(reference):
+    return Step({name: _to_numpy(t) for name, t in zip(runner.input_names, tensors)})
+
+
+def global_checks(
+    runner: SavedModelRunner, outputs: dict[str, np.ndarray], reference: list[np.ndarray], atol, rtol
+) -> list[CheckResult]:
+    """ONNX Runtime's outputs of the global step against PyTorch's, one check per output."""
+    if len(outputs) != len(reference):
         return [
             CheckResult(
-                f"outputs ({len(actual)} vs PyTorch's {len(reference)})",
+                f"outputs ({len(outputs)} vs PyTorch's {len(reference)})",
                 float("inf"),
                 float("inf"),
                 atol,
@@ -346,16 +398,14 @@ def verify_global(
                 False,
             )
         ]
-    return [
-        compare(f"output:{n}", a, e, atol, rtol) for n, a, e in zip(runner.output_names, actual, reference)
-    ]
+    return [compare(f"output:{n}", outputs[n], e, atol, rtol) for n, e in zip(runner.output_names, reference)]
 
 
 class SavedModelRunner:
-    """``model.onnx`` as saved, in ONNX Runtime, reusable across calls (generation steps): one
-    session on the file when its weights fit `max_session_bytes` (default `session_budget()`)
-    and no promotion is needed, else the main graph in segments (`_SegmentedRunner`). ONNX
-    Runtime resolves every external-data reference itself either way."""
+    """``model.onnx`` as saved, in ONNX Runtime: one session on the file when its weights fit
+    `max_session_bytes` (default `session_budget()`) and no promotion is needed, else the main
+    graph in segments (`_SegmentedRunner`). ONNX Runtime resolves every external-data
+    reference itself either way. `run_steps` runs several steps in one pass over the weights."""
 
     def __init__(self, output_dir: str, promote: bool, max_session_bytes: int | None = None) -> None:
         path = os.path.join(output_dir, MODEL_FILE)
@@ -365,48 +415,143 @@ class SavedModelRunner:
         budget = session_budget() if max_session_bytes is None else max_session_bytes
         weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if _is_external(v))
         if weights <= budget and not promote:
-            self.session, self.segments = session(path), None
+            self.path, self.segments = path, None
         else:
-            self.session, self.segments = None, _SegmentedRunner(model, output_dir, promote, budget)
+            self.path, self.segments = None, _SegmentedRunner(model, output_dir, promote, budget)
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if self.session is not None:
-            return self.session.run(None, feeds)
-        return self.segments.run(feeds)
+    def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
+        """Every step's outputs by name, steps in order (a step's carried inputs come from the
+        one before). Each session is opened once for all the steps."""
+        if self.segments is not None:
+            return self.segments.run_steps(steps)
+        sess = session(self.path)
+        results: list[dict[str, np.ndarray]] = []
+        previous: dict[str, np.ndarray] = {}
+        for step in steps:
+            feeds = step.feeds | {i: previous[o] for i, o in step.carried.items()}
+            previous = dict(zip(self.output_names, sess.run(None, feeds)))
+            results.append({n: previous[n] for n in step.outputs or self.output_names})
+        return results
 
 
 def _is_external(value: ir.Value) -> bool:
     return value.is_initializer() and isinstance(value.const_value, ir.ExternalTensor)
 
 
-def _runtime_failure(what: str, error: Exception, atol: float, rtol: float) -> CheckResult:
+def runtime_failure(what: str, error: Exception, atol: float, rtol: float) -> CheckResult:
     first = (str(error).strip().splitlines() or [""])[0]
     message = f"ONNX Runtime cannot run {what}: {type(error).__name__}: {first}"
     return CheckResult(what, float("inf"), float("inf"), atol, rtol, False, error=message)
 
 
+# Resident bytes per stored byte of a promoted (float32-computed) low-precision weight: the
+# stored tensor plus its float32 upcast, which ONNX Runtime folds into a constant.
+PROMOTED_RESIDENT_FACTOR = 3
+
+
 class _SegmentedRunner:
-    """Runs a saved model's main graph in order, as segments of at most `budget` weight bytes.
-    Each segment is cut (and, for a promoted graph, given its upcasts) once and kept as a small
-    model whose initializers are the file's references; a session is opened per segment and
-    run, then dropped, so memory stays one segment's weights. Reusable across runs."""
+    """Runs a saved model's main graph in order, as segments of at most `budget` resident
+    weight bytes. Each segment is cut (and, for a promoted graph, given its upcasts) once and
+    kept as a small model whose initializers are the file's references.
+
+    Several steps run segment by segment: a segment's session is opened once, every step runs
+    through it, and it is dropped before the next one opens, so memory stays one segment's
+    weights however many steps there are. A step's carried input (a past) is the previous
+    step's output (a present) of the same or an earlier segment; an earlier segment that reads
+    only its shape (the trunk's ``Shape`` of a past, for the mask) gets a stand-in of the shape
+    the graph declares for that output, checked against the real output once it is computed.
+    Where that does not hold, the steps run one after the other, each opening every segment."""
 
     def __init__(self, model: ir.Model, output_dir: str, promote: bool, budget: int) -> None:
         self.output_dir = output_dir
-        self.output_names = [v.name for v in model.graph.outputs]
+        graph = model.graph
+        self.output_names = [v.name for v in graph.outputs]
         if promote:
-            for graph_like in [model.graph, *model.functions.values()]:
+            for graph_like in [graph, *model.functions.values()]:
                 _promote_graph(graph_like)
         functions = [ir.serde.serialize_function(f) for f in model.functions.values()]
+        stored_budget = budget // PROMOTED_RESIDENT_FACTOR if promote else budget
         self.segments = [
-            _Segment(model, nodes, functions, promote) for nodes in _segments(model.graph, budget)
+            _Segment(model, nodes, functions, promote) for nodes in _segments(graph, stored_budget)
         ]
+        self.input_dims = {v.name: _dims(v) for v in graph.inputs}
+        self.outputs = {v.name: (_dims(v), v.dtype.numpy()) for v in graph.outputs if v.dtype is not None}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        env = dict(feeds)
-        for segment in self.segments:
-            segment.run(env, self.output_dir)
-        return [env[name] for name in self.output_names]
+    def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
+        try:
+            return self._run_segment_major(steps)
+        except _NeedsStepOrder as e:
+            logger.info("verify: %s; running the steps one after the other", e)
+        results: list[dict[str, np.ndarray]] = []
+        for t, step in enumerate(steps):
+            carried = steps[t + 1].carried.values() if t + 1 < len(steps) else []
+            wanted = list(dict.fromkeys([*(step.outputs or self.output_names), *carried]))
+            feeds = step.feeds | {i: results[-1][o] for i, o in step.carried.items()}
+            results.append(self._run_segment_major([Step(feeds, {}, wanted)])[0])
+        return [{n: r[n] for n in step.outputs or self.output_names} for step, r in zip(steps, results)]
+
+    def _run_segment_major(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
+        envs = [dict(step.feeds) for step in steps]
+        stand_ins: dict[tuple[int, str], tuple[int, ...]] = {}  # (step, carried output) -> shape given
+        for index, segment in enumerate(self.segments):
+            if not segment.output_names:
+                continue
+            sess = None
+            for t, (step, env) in enumerate(zip(steps, envs)):
+                feeds = {n: env[n] for n in segment.input_names if n in env}
+                for name, source in step.carried.items():
+                    if name in feeds or name not in segment.input_names:
+                        continue
+                    if source in envs[t - 1]:
+                        feeds[name] = env[name] = envs[t - 1][source]
+                    elif name in segment.shape_only:
+                        shape, dtype = self._declared(source, steps[t - 1])
+                        feeds[name] = np.zeros(shape, dtype)
+                        stand_ins[(t, source)] = shape
+                    else:
+                        raise _NeedsStepOrder(f"{name} is read before the segment computing {source}")
+                if sess is None:
+                    sess = segment.open(feeds, self.output_dir)
+                env.update(zip(segment.output_names, sess.run(None, feeds)))
+                for output in segment.output_names:
+                    given = stand_ins.get((t + 1, output))
+                    if given is not None and tuple(env[output].shape) != given:
+                        raise _NeedsStepOrder(f"{output} has shape {env[output].shape}, declared {given}")
+            del sess  # its weights go before the next segment's come
+            later = {n for s in self.segments[index + 1 :] for n in s.input_names}
+            for t, env in enumerate(envs):
+                keep = later | set(steps[t].outputs or self.output_names)
+                if t + 1 < len(steps):  # not yet taken by the next step
+                    keep |= {src for name, src in steps[t + 1].carried.items() if name not in envs[t + 1]}
+                for name in [n for n in env if n not in keep]:
+                    del env[name]
+        return [{n: env[n] for n in step.outputs or self.output_names} for step, env in zip(steps, envs)]
+
+    def _declared(self, output: str, step: Step) -> tuple[tuple[int, ...], np.dtype]:
+        """The shape and dtype the graph declares for `output`, its named dims bound by the
+        sizes of `step`'s feeds."""
+        sizes: dict[str, int] = {}
+        for name, value in step.feeds.items():
+            for dim, size in zip(self.input_dims.get(name, ()), value.shape):
+                if isinstance(dim, str):
+                    sizes.setdefault(dim, size)
+        dims, dtype = self.outputs.get(output, ((None,), None))
+        shape = tuple(sizes.get(d) if isinstance(d, str) else d for d in dims)
+        if dtype is None or not all(isinstance(d, int) for d in shape):
+            raise _NeedsStepOrder(f"the shape of {output} is not declared in terms of the inputs")
+        return shape, dtype
+
+
+class _NeedsStepOrder(Exception):
+    """The steps cannot run segment by segment (a carried value is read before it exists)."""
+
+
+def _dims(value: ir.Value) -> list[int | str | None]:
+    if value.shape is None:
+        return []
+    return [
+        d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None) for d in value.shape
+    ]
 
 
 class _Segment:
@@ -432,6 +577,14 @@ class _Segment:
         ]
         self.input_names = [v.name for v in inputs]
         self.output_names = [v.name for v in outputs]
+        # inputs this segment reads only the shape of
+        self.shape_only = {
+            v.name
+            for v in inputs
+            if all(
+                u.node.op_type == "Shape" and u.node.domain == "" for u in v.uses() if id(u.node) in inside
+            )
+        }
         casts = _upcast(initializers, nodes) if promote else []
         view = ir.GraphView(
             inputs,
@@ -448,19 +601,15 @@ class _Segment:
         )
         for value_info in [*self.proto.graph.input, *self.proto.graph.output]:
             value_info.type.tensor_type.ClearField("shape")
-        self.typed: bytes | None = None
 
-    def run(self, env: dict[str, np.ndarray], output_dir: str) -> None:
-        if not self.output_names:
-            return
-        feeds = {name: env[name] for name in self.input_names}
-        if self.typed is None:  # input types from the first arrays fed (promotion changed some)
-            for value_info in self.proto.graph.input:
-                value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
-                    feeds[value_info.name].dtype
-                )
-            self.typed = self.proto.SerializeToString()
-        env.update(zip(self.output_names, session(self.typed, output_dir).run(None, feeds)))
+    def open(self, feeds: dict[str, np.ndarray], output_dir: str):
+        """A session on this segment, its input types taken from the arrays fed (promotion
+        changed some)."""
+        for value_info in self.proto.graph.input:
+            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                feeds[value_info.name].dtype
+            )
+        return session(self.proto.SerializeToString(), output_dir)
 
 
 def _segments(graph: ir.Graph, budget: int) -> list[list[ir.Node]]:
@@ -557,7 +706,7 @@ def verify_block_group(
             }
             actual = sess.run(None, feeds)
         except Exception as e:  # ONNX Runtime's errors are plain Exceptions
-            results.append(_runtime_failure(f"block {path}", e, atol, rtol))
+            results.append(runtime_failure(f"block {path}", e, atol, rtol))
             continue
         checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
         worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))

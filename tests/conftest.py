@@ -1,12 +1,18 @@
 """Shared fixtures: one local Ray for the whole session, stopped at the end.
 
 Ray is started with this process's import path for its workers, so factory models defined
-under tests/ import on workers as they do here.
+under tests/ import on workers as they do here. The capture cache is off for every test (and
+the commands they start) unless a test passes its own directory: a test must not read or fill
+the user's cache, and tests of captures must capture.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ["SHARDEX_CAPTURE_CACHE"] = "off"
 
 
 @pytest.fixture(scope="session")

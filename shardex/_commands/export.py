@@ -203,6 +203,21 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="write no weight copies: the external data points into the source safetensors files, "
         "hard-linked into OUT (same filesystem; no --dtype conversion; default: off)",
     )
+    cache = parser.add_argument_group("capture cache")
+    cache.add_argument(
+        "--capture-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse captured pieces (weightless graphs, keyed by architecture, shapes, options and library "
+        "versions) from earlier exports, and keep new ones; the output is byte-identical either way "
+        "(default: on; --no-capture-cache captures every piece)",
+    )
+    cache.add_argument(
+        "--capture-cache-dir",
+        metavar="DIR",
+        help="where the capture cache lives, e.g. --capture-cache-dir /scratch/shardex-cache (default: "
+        "$SHARDEX_CAPTURE_CACHE, else $XDG_CACHE_HOME/shardex/captures, i.e. ~/.cache/shardex/captures)",
+    )
     add_ray_flags(parser)
     existing = parser.add_argument_group("existing output").add_mutually_exclusive_group()
     existing.add_argument(
@@ -249,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             trust_remote_code=args.trust_remote_code,
             zero_copy=args.zero_copy,
             revision=args.revision,
+            capture_cache=(args.capture_cache_dir or True) if args.capture_cache else False,
         )
     except shardex.VerificationError as e:
         return finish_with_manifest(args, args.output, heading="exported", failure=e)
