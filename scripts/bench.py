@@ -10,7 +10,8 @@ time and peak memory (PSS summed over every process it started, sampled every 50
                 memory; prefill + decode with the KV cache, ONNX Runtime CPU fusions) -> save
   builder       the onnxruntime-genai model builder (scripts/bench_builder.py, fp32 for CPU)
   shardex cold  `shardex export CKPT OUT --no-verify` with an empty capture cache
-  shardex warm  the same with the pieces cached (a re-export, a fine-tune, a zoo member)
+  shardex logits  `--task text-generation` (no KV cache), cold: what the cache costs to export
+  shardex warm  shardex cold again with the pieces cached (a re-export, a fine-tune, a zoo member)
   verify        `shardex verify OUT` on that export (8 greedy tokens, per-block checks, hashes)
 
 plus, where a case asks for it, the runtime speed of the builder's output and shardex's
@@ -66,7 +67,7 @@ class Case:
 
 
 EXPORTERS = ("torch-onnx", "transformers", "builder")
-TOOLS = ("floor", *EXPORTERS, "shardex-cold", "shardex-warm", "verify")
+TOOLS = ("floor", *EXPORTERS, "shardex-cold", "shardex-logits", "shardex-warm", "verify")
 CASES = {
     "demo": Case(
         "demo", 512, 1408, 8, 8, 8, "float32", tools=("floor", "shardex-cold", "shardex-warm", "verify")
@@ -82,7 +83,15 @@ CASES = {
         32,
         32,
         "bfloat16",
-        tools=("floor", "torch-onnx", "transformers", "shardex-cold", "shardex-warm", "verify"),
+        tools=(
+            "floor",
+            "torch-onnx",
+            "transformers",
+            "shardex-cold",
+            "shardex-logits",
+            "shardex-warm",
+            "verify",
+        ),
     ),
     "70b-sparse": Case(
         "70b-sparse", 8192, 28672, 80, 64, 8, "bfloat16", sparse=True, tools=("shardex-cold", "shardex-warm")
@@ -331,6 +340,11 @@ def run_case(case: Case, results: Results, tools: set[str], cache: str, work: st
             shutil.rmtree(capture_cache, ignore_errors=True)
             cold = ["--capture-cache-dir", capture_cache, *flags]
             measure(results, case.name, tool, lambda f=cold: shardex_export(checkpoint, out, *f))
+        elif tool == "shardex-logits":  # the no-cache task, cold: what the KV cache costs to export
+            shutil.rmtree(capture_cache, ignore_errors=True)
+            logits = ["--task", "text-generation", "--capture-cache-dir", capture_cache, *flags]
+            measure(results, case.name, tool, lambda f=logits: shardex_export(checkpoint, out, *f))
+            shutil.rmtree(capture_cache, ignore_errors=True)
         elif tool == "shardex-warm":
             warm = ["--capture-cache-dir", capture_cache, *flags]
             if not os.path.isdir(capture_cache):  # pieces of an earlier run: fill the cache first
@@ -512,8 +526,9 @@ def render(data: dict, command: str) -> str:
         "",
         "| case | checkpoint | floor | torch.onnx | transformers | builder | shardex cold | shardex warm "
         "| export time (cold, warm) | verify | torch.onnx / shardex (cold, warm) | transformers / shardex "
-        "| builder / shardex | shardex / floor (cold, warm) | verify / export (warm) | load avg |",
-        "|" + "---|" * 16,
+        "| builder / shardex | shardex / floor (cold, warm) | verify / export (warm) "
+        "| shardex logits-only, cold | KV-cache / logits-only (cold) | load avg |",
+        "|" + "---|" * 18,
     ]
     for name, row in data["cases"].items():
         if name == "zoo":
@@ -546,6 +561,8 @@ def render(data: dict, command: str) -> str:
                     _pair(_ratio(row.get("builder"), cold), _ratio(row.get("builder"), warm)),
                     _pair(_ratio(cold, row.get("floor")), _ratio(warm, row.get("floor"))),
                     _ratio(row.get("verify"), ours),
+                    _cell(row.get("shardex-logits")),
+                    _ratio(cold, row.get("shardex-logits")),
                     f"{min(loads):.1f}–{max(loads):.1f}" if loads else "",
                 ]
             )
