@@ -33,7 +33,7 @@ from shardex._errors import CaptureError
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
-from shardex._tasks import DERIVED_AXES, call_block, hole_names, merge_cache, split_cache
+from shardex._tasks import DERIVED_AXES, BlockStandIn, call_block, hole_names, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
 
@@ -138,11 +138,9 @@ def _translate_hole(inputs, key: str):
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-class _HoleModule(nn.Module):
+class _HoleModule(BlockStandIn, nn.Module):
     """Stands in for a block in the trunk: flattens the call (in hole form: its layer of the KV
-    cache as tensors), emits one hole op, rebuilds the output and writes the present back.
-    Attributes the trunk reads off its blocks (ModernBERT's ``attention_type``) are the
-    block's own, read through."""
+    cache as tensors), emits one hole op, rebuilds the output and writes the present back."""
 
     def __init__(self, key: str, call: CallSignature, cache_layer: int, block: nn.Module) -> None:
         super().__init__()
@@ -150,12 +148,6 @@ class _HoleModule(nn.Module):
         self.call = call
         self.cache_layer = cache_layer
         object.__setattr__(self, "_block", block)  # not a submodule: its weights stay out of the trunk
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_block"), name)
 
     def forward(self, *args, **kwargs):
         args, kwargs, cache = split_cache(args, kwargs, self.cache_layer)

@@ -113,6 +113,18 @@ def cache_layer_index(block: nn.Module, ordinal: int) -> int:
     return ordinal
 
 
+class BlockStandIn:
+    """Mixed into modules that take a block's place in the model (the trunk's holes, the
+    streamed reference's blocks): attributes the model reads off its blocks (ModernBERT's
+    ``attention_type``) are read through to the block, set as ``_block``."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
 def split_cache(args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict, Any]:
     """A block's call in hole form: a model cache argument is replaced by this layer's past
     (`LayerKV`). Returns the new args and kwargs, and the cache (None if there was none)."""

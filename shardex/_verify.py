@@ -37,7 +37,7 @@ from shardex._output import MODEL_FILE
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
 from shardex._source import TensorLocation, named_tensors, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
-from shardex._tasks import call_block, merge_cache, split_cache
+from shardex._tasks import BlockStandIn, call_block, merge_cache, split_cache
 
 logger = logging.getLogger("shardex")
 
@@ -171,7 +171,7 @@ class _WeightLoader:
         return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
 
 
-class _StreamedBlock(nn.Module):
+class _StreamedBlock(BlockStandIn, nn.Module):
     """Runs a meta block with weights loaded for this call only; records its boundary in hole
     form (its layer of the KV cache among the inputs and outputs), as the ONNX function sees it."""
 
@@ -181,6 +181,7 @@ class _StreamedBlock(nn.Module):
         super().__init__()
         self.path = path
         self.block = block
+        object.__setattr__(self, "_block", block)  # attributes the model reads off its blocks
         self.group = group
         self.loader = loader
         self.record = record

@@ -21,7 +21,7 @@ from tests.onnx_support import session, step_feeds
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
-REPRESENTATIVE = {"llama", "mixtral", "bert", "vit", "t5"}  # one per kind, in the default suite
+REPRESENTATIVE = {"llama", "mixtral", "bert", "modernbert", "vit", "t5"}  # each kind (and hole attributes)
 ATOL = 1e-4
 
 
