@@ -33,7 +33,15 @@ from shardex._errors import CaptureError
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
-from shardex._tasks import DERIVED_AXES, BlockStandIn, call_block, hole_names, merge_cache, split_cache
+from shardex._tasks import (
+    DERIVED_AXES,
+    GENERATION_AXES,
+    BlockStandIn,
+    call_block,
+    hole_names,
+    merge_cache,
+    split_cache,
+)
 
 logger = logging.getLogger("shardex")
 
@@ -161,8 +169,31 @@ class _HoleModule(BlockStandIn, nn.Module):
                 f"({len(tensors)} tensors, constants {constants!r} vs {expected!r}).",
                 piece="trunk",
             )
+        if cache is not None:
+            _same_cache_dims(cache)
         outputs = torch.ops.shardex.hole(tensors, self.key)
         return merge_cache(self.call.unflatten_outputs(outputs), cache, self.cache_layer)
+
+
+# The traces (by their ShapeEnv's id) whose cache dims `_same_cache_dims` has equated.
+_EQUATED_CACHES: set[int] = set()
+
+
+def _same_cache_dims(cache) -> None:
+    """Tell the trace, at its first hole, that every layer's past has layer 0's batch and
+    length. The export declares them one named dim each, but torch.export equates such dims
+    only when the trace ends; until then each layer's past carries symbols of its own and each
+    hole call would look new to `_hole_fake`'s memo, running the block once per layer instead
+    of once per group."""
+    first = getattr(cache.layers[0], "keys", None) if cache.layers else None
+    length = first.shape[2] if isinstance(first, torch.Tensor) else None
+    if not isinstance(length, torch.SymInt) or id(length.node.shape_env) in _EQUATED_CACHES:
+        return
+    _EQUATED_CACHES.add(id(length.node.shape_env))
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            for axis in (0, 2) if isinstance(tensor, torch.Tensor) else ():
+                torch._check(tensor.shape[axis] == first.shape[axis])
 
 
 @contextlib.contextmanager
@@ -174,6 +205,7 @@ def _holes_registered(holes: dict[str, tuple[nn.Module, CallSignature, int]]) ->
         for key in holes:
             _HOLES.pop(key, None)
         _FAKE_OUTPUTS.clear()
+        _EQUATED_CACHES.clear()
 
 
 # --- captures ------------------------------------------------------------------------------
@@ -330,15 +362,24 @@ def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> 
 
 
 def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
-    """Our per-tensor axis dicts, in the nested form torch.export expects."""
+    """Our per-tensor axis dicts, in the nested form torch.export expects.
+
+    The KV-cache tensors' axes are one named dim each for all layers (they are equal; each
+    layer's past flows only into its own hole, so nothing in the trunk would relate them; see
+    `_same_cache_dims`)."""
     if not any(dynamic_axes):
         return None
     axes = iter(dynamic_axes)
+    cache_axes = GENERATION_AXES["past_key_values"]
+    shared = {name: torch.export.Dim(name) for name in cache_axes.values()}
 
     def dims(x):
         if not isinstance(x, torch.Tensor):
             return None
-        return {d: torch.export.Dim.DYNAMIC for d in next(axes)} or None
+        tensor_axes = next(axes)
+        if tensor_axes == cache_axes:
+            return {d: shared[name] for d, name in tensor_axes.items()}
+        return {d: torch.export.Dim.DYNAMIC for d in tensor_axes} or None
 
     args_spec, kwargs_spec = pytree.tree_map(dims, (args, kwargs))
     if not kwargs:
