@@ -53,17 +53,16 @@ windowed GroupQueryAttention).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fnmatch
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from typing import BinaryIO
+from collections.abc import Mapping
 
 from shardex._errors import OptionsError, SourceError
+from shardex._files import atomic_file
 
 logger = logging.getLogger("shardex")
 
@@ -209,9 +208,9 @@ def write_runtime_files(
             "runtime layout: no tokenizer files in %s; onnxruntime_genai.Tokenizer will not load", checkpoint
         )
     for name in names:
-        with open(os.path.join(checkpoint, name), "rb") as source, _atomic(os.path.join(out, name)) as f:
+        with open(os.path.join(checkpoint, name), "rb") as source, atomic_file(os.path.join(out, name)) as f:
             shutil.copyfileobj(source, f)
-    with _atomic(os.path.join(out, GENAI_CONFIG_FILE)) as f:
+    with atomic_file(os.path.join(out, GENAI_CONFIG_FILE)) as f:
         f.write((json.dumps(genai_config(io, config, generation), indent=4) + "\n").encode())
     return sorted([*names, GENAI_CONFIG_FILE])
 
@@ -291,19 +290,3 @@ def _read_json(directory: str, name: str, *, required: bool) -> dict | None:
             return json.load(f)
     except (OSError, ValueError) as error:
         raise SourceError(f"{path} must be readable JSON, got {error}; fix or replace the file.") from None
-
-
-@contextlib.contextmanager
-def _atomic(path: str) -> Iterator[BinaryIO]:
-    """A binary file written under a hidden temporary name, fsynced, then renamed to `path`."""
-    partial = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial")
-    try:
-        with open(partial, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
-        raise

@@ -32,8 +32,9 @@ from typing import Any
 
 from shardex._cluster import MARKER_PREFIX
 from shardex._errors import OptionsError
+from shardex._files import fsync_directory, write_atomic
 from shardex._layout import is_runtime_file
-from shardex._weights import ShardResult, file_sha256, header_sha256, partial_path
+from shardex._weights import ShardResult, file_sha256, header_sha256
 
 logger = logging.getLogger("shardex")
 
@@ -64,39 +65,8 @@ VERSIONED_PACKAGES = (
 # --- writing files -------------------------------------------------------------------------
 
 
-def write_atomic(path: str, data: str | bytes) -> None:
-    """Write `data` to `path` so that `path` never holds a partial file, even after a crash:
-    a hidden temporary, fsynced, renamed, and the directory entry fsynced."""
-    partial = partial_path(*os.path.split(path))
-    try:
-        with open(partial, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial)
-        raise
-    fsync_directory(os.path.dirname(path))
-
-
 def write_json_atomic(path: str, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str))
-
-
-def fsync_directory(directory: str) -> None:
-    """Make renames in `directory` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_model(model, out: str) -> str:

@@ -28,6 +28,7 @@ import torch
 from shardex._conversions import Assembly, Piece
 from shardex._dtypes import SAFETENSORS_TO_TORCH
 from shardex._errors import WeightsError
+from shardex._files import partial_path
 from shardex._plan import ShardSpec, TensorEntry
 from shardex._source import TensorLocation
 
@@ -42,10 +43,6 @@ class ShardResult:
     seconds: float
     hashed: str = "file"  # "header" for a zero-copy link: its data is not read
     link_target: str | None = None
-
-
-def partial_path(output_dir: str, file: str) -> str:
-    return os.path.join(output_dir, f".{file}.partial")
 
 
 def write_shard(

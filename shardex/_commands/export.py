@@ -189,7 +189,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument(
         "--atol",
         type=float,
-        help="absolute tolerance, e.g. --atol 1e-3 (default: by compute dtype, 1e-4 for float32)",
+        help="absolute tolerance, e.g. --atol 1e-3, times each output's largest |value| where that exceeds 1 "
+        "(default: by compute dtype, 1e-4 for float32)",
     )
     check.add_argument(
         "--rtol",

@@ -49,7 +49,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "taken from the manifest",
     )
     parser.add_argument(
-        "--atol", type=float, help="absolute tolerance, e.g. --atol 1e-3 (default: by compute dtype)"
+        "--atol",
+        type=float,
+        help="absolute tolerance, e.g. --atol 1e-3, times each output's largest |value| where that exceeds 1 "
+        "(default: by compute dtype)",
     )
     parser.add_argument(
         "--rtol", type=float, help="relative tolerance, e.g. --rtol 1e-2 (default: by compute dtype)"
