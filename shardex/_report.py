@@ -107,12 +107,30 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     return "\n".join(lines)
 
 
+def _shapes(shapes: list[list[int]], times: str = "x") -> str:
+    """Input shapes, a run of equal ones (a KV cache's past tensors) as one "N × shape"."""
+    runs: list[list] = []
+    for shape in shapes:
+        if runs and runs[-1][0] == shape:
+            runs[-1][1] += 1
+        else:
+            runs.append([shape, 1])
+    return ", ".join(
+        (f"{count} × " if count > 1 else "") + times.join(map(str, shape)) for shape, count in runs
+    )
+
+
 def _verification_lines(verification: dict | None) -> list[str]:
     if verification is None:
         return ["  verified    no (exported with --no-verify; run `shardex verify`)"]
-    shapes = ", ".join("x".join(map(str, s)) for s in verification["input_shapes"])
+    shapes = _shapes(verification["input_shapes"], "x")
     checks = [*verification["outputs"], *verification["blocks"]]
-    tolerance = f", atol {checks[0]['atol']:g}, rtol {checks[0]['rtol']:g}" if checks else ""
+    tolerance = (
+        f", atol {min(c['atol'] for c in checks):g} (times each output's largest |value| above 1), "
+        f"rtol {checks[0]['rtol']:g}"
+        if checks
+        else ""
+    )
     lines = [
         f"  verified    {'passed' if verification['passed'] else 'FAILED'} in {verification['seconds']:.1f}s "
         f"on inputs {shapes} ({verification['method']}, {verification['compute_dtype']}{tolerance})"
@@ -238,7 +256,7 @@ def _verification_html(verification: dict | None) -> str:
     verdict = (
         "<span class='pass'>passed</span>" if verification["passed"] else "<span class='fail'>FAILED</span>"
     )
-    shapes = ", ".join("&times;".join(map(str, s)) for s in verification["input_shapes"])
+    shapes = _shapes(verification["input_shapes"], "&times;")
     parts = [
         f"<p>{verdict} in {verification['seconds']:.1f} s: {_e(verification['method'])}, computing in "
         f"{_e(verification['compute_dtype'])}, on inputs of shape {shapes}.</p>",
