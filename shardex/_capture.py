@@ -34,8 +34,8 @@ from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
 from shardex._tasks import (
+    CACHE_AXES,
     DERIVED_AXES,
-    GENERATION_AXES,
     BlockStandIn,
     call_block,
     hole_names,
@@ -185,15 +185,26 @@ def _same_cache_dims(cache) -> None:
     only when the trace ends; until then each layer's past carries symbols of its own and each
     hole call would look new to `_hole_fake`'s memo, running the block once per layer instead
     of once per group."""
-    first = getattr(cache.layers[0], "keys", None) if cache.layers else None
-    length = first.shape[2] if isinstance(first, torch.Tensor) else None
-    if not isinstance(length, torch.SymInt) or id(length.node.shape_env) in _EQUATED_CACHES:
+    # An encoder-decoder's cache is two: self-attention's and cross-attention's.
+    caches = (
+        [cache.self_attention_cache, cache.cross_attention_cache]
+        if hasattr(cache, "cross_attention_cache")
+        else [cache]
+    )
+    firsts = [getattr(c.layers[0], "keys", None) if c.layers else None for c in caches]
+    lengths = [first.shape[2] for first in firsts if isinstance(first, torch.Tensor)]
+    if (
+        not lengths
+        or not isinstance(lengths[0], torch.SymInt)
+        or id(lengths[0].node.shape_env) in _EQUATED_CACHES
+    ):
         return
-    _EQUATED_CACHES.add(id(length.node.shape_env))
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            for axis in (0, 2) if isinstance(tensor, torch.Tensor) else ():
-                torch._check(tensor.shape[axis] == first.shape[axis])
+    _EQUATED_CACHES.add(id(lengths[0].node.shape_env))
+    for each, first in zip(caches, firsts):
+        for layer in each.layers if isinstance(first, torch.Tensor) else ():
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                for axis in (0, 2) if isinstance(tensor, torch.Tensor) else ():
+                    torch._check(tensor.shape[axis] == first.shape[axis])
 
 
 @contextlib.contextmanager
@@ -370,14 +381,13 @@ def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
     if not any(dynamic_axes):
         return None
     axes = iter(dynamic_axes)
-    cache_axes = GENERATION_AXES["past_key_values"]
-    shared = {name: torch.export.Dim(name) for name in cache_axes.values()}
+    shared = {name: torch.export.Dim(name) for cache_axes in CACHE_AXES for name in cache_axes.values()}
 
     def dims(x):
         if not isinstance(x, torch.Tensor):
             return None
         tensor_axes = next(axes)
-        if tensor_axes == cache_axes:
+        if tensor_axes in CACHE_AXES:
             return {d: shared[name] for d, name in tensor_axes.items()}
         return {d: torch.export.Dim.DYNAMIC for d in tensor_axes} or None
 

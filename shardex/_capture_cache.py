@@ -186,6 +186,7 @@ def piece_keys(plan: Plan) -> dict[str, str] | None:
         "config": config,
         "model_class": plan.model_class,
         "task": plan.task,
+        "component": plan.component,
         "runtime": plan.runtime,
         "dtype": dtype_name(plan.dtype) if plan.dtype else None,
         "opset": plan.opset,

@@ -28,7 +28,7 @@ from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import IO_TASKS_PER_SLOT, coordinator_record, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
-from shardex._generation import reference_generation, verify_saved_model
+from shardex._generation import reference_generation, verify_saved_model, verify_seq2seq_generation
 from shardex._layout import (
     CONTEXT_LENGTH_KEYS,
     DEFAULT_CONTEXT_LENGTH,
@@ -37,11 +37,11 @@ from shardex._layout import (
     write_runtime_files,
 )
 from shardex._measure import ProcessTreeSampler
-from shardex._output import MANIFEST_FILE, MODEL_FILE, TIMELINE_FILE, Journal
-from shardex._plan import Plan, make_plan, parse_size
+from shardex._output import MANIFEST_FILE, TIMELINE_FILE, Journal
+from shardex._plan import Plan, make_plan, parse_size, resolve_task
 from shardex._source import Source, resolve_source
 from shardex._stitch import inline_blocks, stitch
-from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_runtime, check_task
+from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_runtime, check_task, components, uses_cache
 from shardex._verify import (
     VerificationReport,
     block_check_model,
@@ -166,32 +166,43 @@ def export(
                 ray.start_soon()  # needed for sure: starts while we plan
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
-                plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes, module)
+                explicit = args is not None or kwargs is not None
+                plans = [
+                    plan_export(src, options, args, kwargs, dynamic_shapes, module, component=component)
+                    for component in components(resolve_task(src, task, explicit_inputs=explicit))
+                ]
+            plan, memory = plans[0]
             _log_plan(plan, timings["plan"])
             journal = _start_journal(out, plan, options, resume, ray)
+            programs = []
             with _stage(timings, "capture_and_weights"):
-                trunk, blocks, shards, cached = _capture_and_stream(
-                    plan, memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
-                )
+                for i, (component_plan, component_memory) in enumerate(plans):
+                    # one set of shards: the first program's stream writes them, the others use them
+                    streamed = component_plan if i == 0 else dataclasses.replace(component_plan, shards=[])
+                    trunk, blocks, written, cached = _capture_and_stream(
+                        streamed, component_memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
+                    )
+                    programs.append(_Program(component_plan, component_memory, trunk, blocks, cached))
+                    if i == 0:
+                        shards = written
             with _stage(timings, "stitch"):
-                model = stitch(plan, trunk, blocks, out)
-                # Block checks need the function form; the flat graph is verified as saved.
-                program = (
-                    ir.serde.deserialize_model(ir.serde.serialize_model(model))
-                    if inline and verify
-                    else model
-                )
-                if inline:
-                    inline_blocks(model)
-                _output.save_model(model, out)
+                for program in programs:
+                    _stitch_and_save(program, out, inline, verify)
+                model = programs[0].model
                 _output.save_example_inputs(plan.example, out)
                 runtime_files = _write_runtime_layout(plan, out, model)
             report = None
             if verify:
                 with _stage(timings, "verify"):
                     ray.ensure()
-                    report = _verify(
-                        plan, memory, out, program, atol, rtol, workers, cpus_per_task, verify_tokens
+                    report = _verify_programs(
+                        [(p.plan, p.memory, p.checked) for p in programs],
+                        out,
+                        atol,
+                        rtol,
+                        workers,
+                        cpus_per_task,
+                        verify_tokens,
                     )
 
         timings["total"] = time.perf_counter() - started
@@ -204,11 +215,16 @@ def export(
             journal=journal,
             report=report,
             timings=timings,
-            capture_seconds={trunk.name: trunk.seconds} | {b.name: b.seconds for b in blocks.values()},
-            capture_cache=cached,
+            capture_seconds={
+                p.piece_name(piece.name): piece.seconds
+                for p in programs
+                for piece in [p.trunk, *p.blocks.values()]
+            },
+            capture_cache=_merge_accounts(programs),
             peak_memory=memory_sampler.peak,
             placement=summarize_nodes(records),
             runtime_files=runtime_files,
+            components=[p.plan for p in programs] if plan.component else None,
         )
         journal.close()
     ir.external_data.set_base_dir(model.graph, target.final)
@@ -257,9 +273,16 @@ def _export_options(dtype, max_shard_size, opset, block_pattern, inline, verify,
 
 
 def plan_export(
-    src: Source, options: dict, args, kwargs, dynamic_shapes, module: nn.Module | None = None
+    src: Source,
+    options: dict,
+    args,
+    kwargs,
+    dynamic_shapes,
+    module: nn.Module | None = None,
+    component: str | None = None,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """Plan `src` with an export's options (as the manifest records them)."""
+    """Plan `src` (its `component`, for an encoder-decoder task) with an export's options (as the
+    manifest records them)."""
     return make_plan(
         src,
         dtype=parse_dtype(options["dtype"]) if options["dtype"] else None,
@@ -273,7 +296,82 @@ def plan_export(
         runtime=options.get("runtime", "onnx"),  # exports from before the option had no fusions
         module=module,
         zero_copy=options.get("zero_copy", False),
+        component=component,
     )
+
+
+@dataclasses.dataclass
+class _Program:
+    """One ONNX file of an export (``model.onnx``, or one of an encoder-decoder's files): its
+    plan, its captured pieces and, once stitched, the saved model and the function form the
+    block checks call."""
+
+    plan: Plan
+    memory: dict[str, torch.Tensor]
+    trunk: CapturedPiece
+    blocks: dict[int, CapturedPiece]
+    capture_cache: dict
+    model: ir.Model | None = None
+    checked: ir.Model | None = None
+
+    def piece_name(self, name: str) -> str:
+        return f"{self.plan.component}/{name}" if self.plan.component else name
+
+
+def _stitch_and_save(program: _Program, out: str, inline: bool, verify: bool) -> None:
+    model = stitch(program.plan, program.trunk, program.blocks, out)
+    # Block checks need the function form; the flat graph is verified as saved.
+    program.checked = (
+        ir.serde.deserialize_model(ir.serde.serialize_model(model)) if inline and verify else model
+    )
+    if inline:
+        inline_blocks(model)
+    _output.save_model(model, out, program.plan.model_file)
+    program.model = model
+
+
+def _merge_accounts(programs: list[_Program]) -> dict:
+    """The capture cache's account over every program's pieces."""
+    account = dict(programs[0].capture_cache)
+    for key in ("hits", "misses"):
+        account[key] = [p.piece_name(name) for p in programs for name in p.capture_cache[key]]
+    return account
+
+
+def _verify_programs(
+    programs: list[tuple[Plan, dict, ir.Model]], out: str, atol, rtol, workers, cpus_per_task, new_tokens: int
+) -> VerificationReport:
+    """Verify each file (its plan, memory tensors and function-form model); an
+    encoder-decoder's also decodes greedily through its three files."""
+    if len(programs) == 1:
+        ((plan, memory, checked),) = programs
+        return _verify(plan, memory, out, checked, atol, rtol, workers, cpus_per_task, new_tokens)
+    reports = [
+        _verify(plan, memory, out, checked, atol, rtol, workers, cpus_per_task)
+        for plan, memory, checked in programs
+    ]
+    clock = time.perf_counter()
+    plans = {plan.component: plan for plan, _, _ in programs}
+
+    def named(check, plan: Plan):
+        return dataclasses.replace(check, name=f"{plan.model_file}: {check.name}")
+
+    first, memory, _ = programs[0]
+    report = VerificationReport(
+        reports[0].method.replace(first.model_file, "each file"),
+        reports[0].compute_dtype,
+        [shape for r in reports for shape in r.input_shapes],
+        [named(c, p) for r, p in zip(reports, plans.values()) for c in r.outputs],
+        [named(c, p) for r, p in zip(reports, plans.values()) for c in r.blocks],
+    )
+    if new_tokens:
+        atol_, rtol_ = tolerances(compute_dtype(first), atol, rtol)
+        logger.info("verify: greedy decoding of %d tokens through the encoder and decoders", new_tokens)
+        report.generation = verify_seq2seq_generation(
+            plans, memory, out, new_tokens, atol_, rtol_, needs_promotion(first)
+        )
+    report.seconds = sum(r.seconds for r in reports) + time.perf_counter() - clock
+    return report
 
 
 def _log_plan(plan: Plan, seconds: float) -> None:
@@ -318,8 +416,10 @@ def verify(
     _check_run_options(workers, atol, rtol, verify_tokens)
     out = os.path.abspath(os.fspath(output_dir))
     manifest = _output.load_manifest(out)
-    if _output.model_sha256(out) != manifest["model"]["sha256"]:
-        report = VerificationReport(f"not run: {MODEL_FILE} changed", "", [], [], [], 0.0, [MODEL_FILE])
+    files = _output.model_files(manifest)
+    changed = [m["file"] for m in files if _output.model_sha256(out, m["file"]) != m["sha256"]]
+    if changed:
+        report = VerificationReport(f"not run: {', '.join(changed)} changed", "", [], [], [], 0.0, changed)
         _record_verification(out, manifest, report)
         raise VerificationError(format_failure(report), failures=[])
     hub = manifest["source"].get("hub")  # a Hub id: the recorded commit, from the cache when it is there
@@ -342,9 +442,11 @@ def verify(
         args, kwargs, dynamic_shapes = _output.load_example_inputs(out, manifest)
     else:
         dynamic_shapes = None
-    plan, memory = plan_export(src, options, args, kwargs, dynamic_shapes)
+    plans = [
+        plan_export(src, options, args, kwargs, dynamic_shapes, component=m.get("component")) for m in files
+    ]
     expected = [(s["file"], s["nbytes"]) for s in manifest["shards"]]
-    if [(s.file, s.size) for s in plan.shards] != expected:
+    if [(s.file, s.size) for s in plans[0][0].shards] != expected:
         raise SourceError(
             f"the source {src.location} no longer plans to the shards recorded in {out}; "
             "it changed since the export: export it again."
@@ -353,24 +455,27 @@ def verify(
     hashes = _output.shard_hashes(out, manifest["shards"])  # in background threads, meanwhile
     try:
         with _ray.ray_session(address, runtime_env=runtime_env) as ray:
-            _ray.check_output_visible(out, readable=plan.source.files)
-            if options["inline"]:
-                # Block checks call the block functions, which the flat graph no longer has: rebuild
-                # them (cheap, weightless captures). The global check runs the flat graph as saved.
-                trunk, blocks, _, _ = _capture_and_stream(
-                    dataclasses.replace(plan, shards=[]),
-                    memory,
-                    out,
-                    workers,
-                    cpus_per_task=cpus_per_task,
-                    ray=ray,
-                    cache=_capture_cache.resolve(capture_cache),
-                )
-                program = stitch(plan, trunk, blocks, out)
-            else:
-                program = ir.load(os.path.join(out, MODEL_FILE))
+            _ray.check_output_visible(out, readable=plans[0][0].source.files)
+            programs = []
+            for plan, memory in plans:
+                if options["inline"]:
+                    # Block checks call the block functions, which the flat graph no longer has: rebuild
+                    # them (cheap, weightless captures). The global check runs the flat graph as saved.
+                    trunk, blocks, _, _ = _capture_and_stream(
+                        dataclasses.replace(plan, shards=[]),
+                        memory,
+                        out,
+                        workers,
+                        cpus_per_task=cpus_per_task,
+                        ray=ray,
+                        cache=_capture_cache.resolve(capture_cache),
+                    )
+                    checked = stitch(plan, trunk, blocks, out)
+                else:
+                    checked = ir.load(os.path.join(out, plan.model_file))
+                programs.append((plan, memory, checked))
             new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
-            report = _verify(plan, memory, out, program, atol, rtol, workers, cpus_per_task, new_tokens)
+            report = _verify_programs(programs, out, atol, rtol, workers, cpus_per_task, new_tokens)
         report.shard_hash_mismatches = [
             s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
         ]
@@ -699,7 +804,9 @@ def _verify(
         )
         global_checks, generation_check = results[0] if generation is not None else (results[0], None)
         group_checks = results[1:] if block_tasks else blocks_future.result()
-    runtime = f"{MODEL_FILE} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
+    runtime = (
+        f"{plan.model_file} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
+    )
     method = f"float32-promoted graph, {runtime}" if promote else runtime
     shapes = [list(t.shape) for t in inputs.flat_tensors()]
     blocks = [check for checks in group_checks for check in checks]
@@ -746,8 +853,10 @@ def _write_runtime_layout(plan: Plan, out: str, model: ir.Model) -> list[str]:
     cache's sizes come from the plan (what the graph takes), the rest from config.json; the
     cache shares one buffer between past and present only where attention is fused into
     GroupQueryAttention, which writes in place."""
-    if plan.task != TEXT_GENERATION_WITH_PAST or plan.source.kind != "hf":
+    if plan.source.kind != "hf" or not uses_cache(plan.task):
         return []
+    if plan.component:  # Optimum's encoder-decoder layout; onnxruntime-genai does not run these
+        return write_runtime_files(out, plan.source.location, io=None)
     inputs = dict(zip(plan.input_names, plan.example.flat_tensors()))
     keys = [t for name, t in inputs.items() if name.startswith("past_key_values.") and name.endswith(".key")]
     fused = any(

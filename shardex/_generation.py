@@ -223,7 +223,7 @@ def verify_saved_model(
     """The global check and the greedy-decoding check of a generation export in one pass over
     ``model.onnx``'s weights: each session (the file, or each segment) is opened once for the
     global step and every decoding step."""
-    runner = SavedModelRunner(output_dir, promote)
+    runner = SavedModelRunner(output_dir, promote, model_file=plan.model_file)
     steps = [global_step(runner, inputs, promote), *generation_steps(plan, generation, promote)]
     try:
         global_outputs, *step_outputs = runner.run_steps(steps)
@@ -232,3 +232,97 @@ def verify_saved_model(
         return [failure], failed_generation(generation, failure)
     checks = global_checks(runner, global_outputs, reference_outputs, atol, rtol)
     return checks, generation_check(generation, [o["logits"] for o in step_outputs], atol, rtol)
+
+
+# --- encoder-decoders ----------------------------------------------------------------------
+
+
+def verify_seq2seq_generation(
+    plans: dict[str, Plan],
+    memory: dict[str, torch.Tensor],
+    output_dir: str,
+    new_tokens: int,
+    atol: float,
+    rtol: float,
+    promote: bool,
+) -> GenerationCheck:
+    """Greedy decoding through an encoder-decoder's three files, end to end: the encoder, the
+    decoder's first step (from the decoder start token, computing the cross-attention cache),
+    then ``decoder_with_past`` once per token. PyTorch runs the same three programs streamed;
+    ONNX Runtime runs the saved files, the decoders on ONNX Runtime's own encoder output, fed
+    PyTorch's tokens (as for decoder-only models: equal choices at every step)."""
+    encoder_inputs = _encoder_prompt(plans["encoder"])
+    start = np.full(
+        (next(iter(encoder_inputs.values())).shape[0], 1), _decoder_start(plans["decoder"]), np.int64
+    )
+    mask = {k: v for k, v in encoder_inputs.items() if k == "attention_mask"}
+    cross_mask = {"encoder_attention_mask": mask["attention_mask"]} if mask else {}
+    reference = _seq2seq_reference(plans, memory, encoder_inputs, start, cross_mask, new_tokens)
+
+    def runner(component: str) -> SavedModelRunner:
+        return SavedModelRunner(output_dir, promote, model_file=plans[component].model_file)
+
+    try:
+        (encoded,) = runner("encoder").run_steps([Step(encoder_inputs, {}, ["last_hidden_state"])])
+        context = cross_mask | {"encoder_hidden_states": encoded["last_hidden_state"]}
+        (first,) = runner("decoder").run_steps([Step({"input_ids": start} | context)])
+        cross = {
+            name.replace("present.", "past_key_values.", 1): value
+            for name, value in first.items()
+            if name.startswith("present.")
+        }
+        own = {name: name.replace("past_key_values.", "present.", 1) for name in cross if ".decoder." in name}
+        steps = [
+            Step(
+                {"input_ids": reference.tokens[:, step - 1 : step]}
+                | context
+                | {n: v for n, v in cross.items() if step == 1 or ".encoder." in n},
+                {} if step == 1 else own,
+                ["logits"],
+            )
+            for step in range(1, reference.tokens.shape[1])
+        ]
+        later = runner("decoder_with_past").run_steps(steps) if steps else []
+    except Exception as e:  # ONNX Runtime's errors are plain Exceptions
+        return failed_generation(reference, runtime_failure(f"the decoders in {output_dir}", e, atol, rtol))
+    return generation_check(reference, [first["logits"], *(o["logits"] for o in later)], atol, rtol)
+
+
+def _encoder_prompt(plan: Plan) -> dict[str, np.ndarray]:
+    """The encoder's inputs: two token prompts from the example, the second one padded (at
+    its start, as for decoders); or the example's speech features."""
+    if "input_ids" not in plan.input_names:
+        return {name: _to_numpy(t)[:2] for name, t in zip(plan.input_names, plan.example.flat_tensors())}
+    ids, mask = generation_prompt(plan)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _decoder_start(plan: Plan) -> int:
+    from shardex._source import hf_config
+
+    config = hf_config(plan.source)
+    for key in ("decoder_start_token_id", "bos_token_id", "pad_token_id"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 0
+
+
+def _seq2seq_reference(plans, memory, encoder_inputs, start, cross_mask, new_tokens) -> GenerationReference:
+    """PyTorch's greedy decoding through the three programs, weights streamed block by block."""
+    run = {c: StreamedReference(p, memory, record=False) for c, p in plans.items()}
+    tensors = {k: torch.from_numpy(v) for k, v in encoder_inputs.items()}
+    hidden = run["encoder"]((), tensors)["last_hidden_state"]
+    context = {k: torch.from_numpy(v) for k, v in cross_mask.items()} | {"encoder_hidden_states": hidden}
+    output = run["decoder"]((), {"input_ids": torch.from_numpy(start)} | context)
+    cross = [layer["encoder"] for layer in output["present"]]
+    logits = _to_numpy(output["logits"])
+    prefill, step_logits, tokens = logits, [], [logits[:, -1].argmax(-1)]
+    for _ in range(new_tokens - 1):
+        past = tuple({"decoder": own["decoder"], "encoder": c} for own, c in zip(output["present"], cross))
+        ids = torch.from_numpy(tokens[-1][:, None].astype(np.int64))
+        output = run["decoder_with_past"]((), {"input_ids": ids} | context | {"past_key_values": past})
+        logits = _to_numpy(output["logits"])
+        step_logits.append(logits[:, -1])
+        tokens.append(logits[:, -1].argmax(-1))
+    ones = np.ones_like(start)
+    return GenerationReference(start, ones, np.stack(tokens, axis=1), prefill, step_logits)

@@ -190,10 +190,11 @@ class RuntimeIO:
 
 
 def write_runtime_files(
-    output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, *, io: RuntimeIO
+    output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, *, io: RuntimeIO | None
 ) -> list[str]:
-    """Write genai_config.json and copy config, generation config and tokenizer files from the
-    checkpoint into `output_dir`; returns the file names written, sorted.
+    """Write genai_config.json (unless `io` is None: a model onnxruntime-genai does not run) and
+    copy config, generation config and tokenizer files from the checkpoint into `output_dir`;
+    returns the file names written, sorted.
 
     Every file is written under a hidden temporary name, fsynced and renamed, so a final name
     never holds a partial file. A checkpoint without config.json raises `SourceError`.
@@ -210,6 +211,8 @@ def write_runtime_files(
     for name in names:
         with open(os.path.join(checkpoint, name), "rb") as source, atomic_file(os.path.join(out, name)) as f:
             shutil.copyfileobj(source, f)
+    if io is None:
+        return names
     with atomic_file(os.path.join(out, GENAI_CONFIG_FILE)) as f:
         f.write((json.dumps(genai_config(io, config, generation), indent=4) + "\n").encode())
     return sorted([*names, GENAI_CONFIG_FILE])

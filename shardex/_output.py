@@ -34,6 +34,7 @@ from shardex._cluster import MARKER_PREFIX
 from shardex._errors import OptionsError
 from shardex._files import fsync_directory, write_atomic
 from shardex._layout import is_runtime_file
+from shardex._tasks import SEQ2SEQ_COMPONENTS
 from shardex._weights import ShardResult, file_sha256, header_sha256
 
 logger = logging.getLogger("shardex")
@@ -47,7 +48,17 @@ TIMELINE_FILE = "timeline.json"
 REPORT_FILE = "report.html"  # written by the CLI (_report); listed so overwrite and resume know it
 # Files an export may leave in its directory besides shards.
 STAGING_DIR = ".shardex-staging"  # a new export is written here while a previous one stays in place
-OWN_FILES = frozenset({MODEL_FILE, MANIFEST_FILE, INPUTS_FILE, JOURNAL_FILE, REPORT_FILE, TIMELINE_FILE})
+OWN_FILES = frozenset(
+    {
+        MODEL_FILE,
+        MANIFEST_FILE,
+        INPUTS_FILE,
+        JOURNAL_FILE,
+        REPORT_FILE,
+        TIMELINE_FILE,
+        *SEQ2SEQ_COMPONENTS.values(),
+    }
+)
 VERSIONED_PACKAGES = (
     "shardex",
     "torch",
@@ -69,11 +80,11 @@ def write_json_atomic(path: str, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, default=str))
 
 
-def save_model(model, out: str) -> str:
-    """Write the stitched `onnx_ir.Model` (weights stay external) as ``model.onnx``."""
+def save_model(model, out: str, file: str = MODEL_FILE) -> str:
+    """Write the stitched `onnx_ir.Model` (weights stay external) as `file`."""
     import onnx_ir as ir
 
-    path = os.path.join(out, MODEL_FILE)
+    path = os.path.join(out, file)
     write_atomic(path, ir.serde.serialize_model(model).SerializeToString())
     return path
 
@@ -295,9 +306,15 @@ def reusable_shards(out: str, plan, fingerprint: str) -> dict[str, ShardResult]:
     return {r.file: r for (r, _), digest in zip(candidates, hashes) if digest.result() == r.sha256}
 
 
-def model_sha256(out: str) -> str | None:
-    """sha256 of ``model.onnx`` (None when it is missing)."""
-    path = os.path.join(out, MODEL_FILE)
+def model_files(manifest: dict) -> list[dict]:
+    """The ONNX files of an export as the manifest records them (``file``, ``bytes``,
+    ``sha256``): ``model.onnx``, or an encoder-decoder's encoder and decoders."""
+    return manifest.get("models") or [manifest["model"]]
+
+
+def model_sha256(out: str, file: str = MODEL_FILE) -> str | None:
+    """sha256 of the ONNX file `file` in `out` (None when it is missing)."""
+    path = os.path.join(out, file)
     return file_sha256(path) if os.path.isfile(path) else None
 
 
@@ -359,8 +376,22 @@ def write_manifest(
     peak_memory,
     placement: list[dict],
     runtime_files: list[str],
+    components: list | None = None,
 ) -> None:
-    model_path = os.path.join(out, MODEL_FILE)
+    """`components`: the plans of an encoder-decoder's files, each recorded under ``models``;
+    ``model`` is then the first of them."""
+    models = [
+        {
+            "file": p.model_file,
+            "component": p.component,
+            "bytes": os.path.getsize(os.path.join(out, p.model_file)),
+            "sha256": model_sha256(out, p.model_file),
+            "inputs": p.input_names,
+            "outputs": p.output_names,
+            "groups": [{"function": g.function_name, "members": g.members} for g in p.groups],
+        }
+        for p in components or [plan]
+    ]
     manifest = {
         "format": MANIFEST_FORMAT,
         "fingerprint": journal.fingerprint,
@@ -371,7 +402,8 @@ def write_manifest(
         "options": options,
         "model_class": plan.model_class,
         "parameters": sum(math.prod(t.shape) for t in plan.tensors if not t.is_buffer),
-        "model": {"file": MODEL_FILE, "bytes": os.path.getsize(model_path), "sha256": model_sha256(out)},
+        "model": {k: models[0][k] for k in ("file", "bytes", "sha256")},
+        **({"models": models} if components else {}),
         "shards": [
             dataclasses.asdict(s) | {"tensors": len(spec.tensors)} for s, spec in zip(shards, plan.shards)
         ],
@@ -398,7 +430,7 @@ def load_manifest(output_dir: str | os.PathLike) -> dict:
         raise OptionsError(f"{output_dir} has no {MANIFEST_FILE}: it is not a finished shardex export.")
     manifest = _read_json(path)
     try:
-        names = [manifest["model"]["file"], *(s["file"] for s in manifest["shards"])]
+        names = [*(m["file"] for m in model_files(manifest)), *(s["file"] for s in manifest["shards"])]
     except (KeyError, TypeError) as e:
         raise OptionsError(
             f"{path} lacks {e} (not a shardex manifest, or damaged); export the model again with overwrite=True."

@@ -35,18 +35,23 @@ from shardex._source import (
 )
 from shardex._tasks import (
     DERIVED_AXES,
+    SEQ2SEQ_COMPONENTS,
+    SEQ2SEQ_TASKS,
     TEXT_GENERATION,
     TEXT_GENERATION_WITH_PAST,
     cache_layer_index,
     cache_layout,
     call_block,
+    component_holes,
     default_inputs,
     default_task,
     generation_example,
     install_task,
     merge_cache,
+    seq2seq_example,
     split_cache,
     tree_names,
+    uses_cache,
 )
 
 logger = logging.getLogger("shardex")
@@ -181,10 +186,16 @@ class Plan:
     shards: list[ShardSpec]
     opset: int | None
     alias_to_name: dict[str, str]
+    component: str | None = None  # which program of an encoder-decoder task (SEQ2SEQ_COMPONENTS)
 
     def build_model(self, dtype: torch.dtype | None = None) -> nn.Module:
         """The model on meta with this plan's task forward, in `dtype` (default: the plan's)."""
-        return build_model(self.source, self.dtype if dtype is None else dtype, self.task)
+        return build_model(self.source, self.dtype if dtype is None else dtype, self.task, self.component)
+
+    @property
+    def model_file(self) -> str:
+        """The ONNX file this plan's program is saved as."""
+        return SEQ2SEQ_COMPONENTS[self.component] if self.component else "model.onnx"
 
     @property
     def hole_paths(self) -> list[str]:
@@ -208,6 +219,7 @@ class Plan:
             "source": self.source.describe(),
             "model_class": self.model_class,
             "task": self.task,
+            "component": self.component,
             "runtime": self.runtime,
             "inputs": self.input_names,
             "outputs": self.output_names,
@@ -264,13 +276,16 @@ def make_plan(
     runtime: str = "onnxruntime",
     module: nn.Module | None = None,
     zero_copy: bool = False,
+    component: str | None = None,
 ) -> tuple[Plan, dict[str, torch.Tensor]]:
-    """Plan the export. Returns the plan and the tensors the coordinator itself must supply
-    (non-persistent buffers; every tensor of `module`, the real in-memory model if the source
-    is one)."""
+    """Plan the export (of `component`, one program of an encoder-decoder task). Returns the
+    plan and the tensors the coordinator itself must supply (non-persistent buffers; every
+    tensor of `module`, the real in-memory model if the source is one)."""
     requested_task = task
     task = resolve_task(source, task, explicit_inputs=args is not None or kwargs is not None)
-    skeleton = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
+    if (task in SEQ2SEQ_TASKS) != (component is not None):
+        raise PlanError(f"task {task!r} and component {component!r} do not go together.")
+    skeleton = build_skeleton(source, dtype, use_cache=uses_cache(task))
     names = _tensor_names(skeleton)
     hole_paths = find_holes(skeleton, block_pattern)
     memory = _memory_tensors(skeleton if module is None else module)
@@ -296,10 +311,16 @@ def make_plan(
     if task == TEXT_GENERATION_WITH_PAST:
         install_task(skeleton, task)
         kwargs, dynamic_shapes = generation_example(skeleton, layout)
+    elif task in SEQ2SEQ_TASKS:
+        hole_paths = component_holes(skeleton, hole_paths, component)
+        if component != "encoder":
+            install_task(skeleton, task, "decoder")  # its first step gives the cache's shapes
+            kwargs, dynamic_shapes = seq2seq_example(skeleton, component, _run_fake)
+        install_task(skeleton, task, component)
     example = _example_inputs(skeleton, args, kwargs, dynamic_shapes)
     cache_layers = (
         {p: cache_layer_index(skeleton.get_submodule(p), i) for i, p in enumerate(hole_paths)}
-        if task == TEXT_GENERATION_WITH_PAST
+        if uses_cache(task)
         else {}
     )
     calls, output_names = record_calls(skeleton, hole_paths, example, cache_layers)
@@ -322,6 +343,7 @@ def make_plan(
         shards=shards,
         opset=opset,
         alias_to_name={alias: t.name for t in tensors for alias in t.aliases},
+        component=component,
     )
     return plan, memory
 
@@ -345,10 +367,12 @@ def resolve_task(source: Source, task: str | None, *, explicit_inputs: bool) -> 
     return default_task(hf_config(source))
 
 
-def build_model(source: Source, dtype: torch.dtype | None, task: str | None) -> nn.Module:
-    """The skeleton of `source` with the forward of `task` installed."""
-    model = build_skeleton(source, dtype, use_cache=task == TEXT_GENERATION_WITH_PAST)
-    install_task(model, task)
+def build_model(
+    source: Source, dtype: torch.dtype | None, task: str | None, component: str | None = None
+) -> nn.Module:
+    """The skeleton of `source` with the forward of `task` (its `component`) installed."""
+    model = build_skeleton(source, dtype, use_cache=uses_cache(task))
+    install_task(model, task, component)
     return model
 
 
@@ -455,9 +479,9 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
         per_input = [*dynamic_shapes, *[None] * (len(inputs) - len(dynamic_shapes))]
     axes = []
     for spec, value in zip(per_input, inputs):
-        if spec is not None and not isinstance(spec, dict):
-            raise PlanError(f"each dynamic_shapes entry must be {{dim: 'axis_name'}} or None, got {spec!r}.")
-        for t in (x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)):
+        tensors = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+        specs = _leaf_axes(spec, value, len(tensors))
+        for t, spec in zip(tensors, specs):
             for dim, name in (spec or {}).items():
                 if not 0 <= dim < t.dim():
                     raise PlanError(
@@ -470,6 +494,21 @@ def _dynamic_axes(args: tuple, kwargs: dict, dynamic_shapes) -> list[dict[int, s
                     )
             axes.append({int(d): str(n) for d, n in (spec or {}).items()})
     return axes
+
+
+def _is_axes(spec) -> bool:
+    return isinstance(spec, dict) and all(isinstance(k, int) for k in spec)
+
+
+def _leaf_axes(spec, value, count: int) -> list:
+    """Per tensor of one input, its ``{dim: "axis_name"}``: one dict for all of them, or a tree
+    of them shaped like the input (an encoder-decoder's past, whose two caches differ)."""
+    if spec is None or _is_axes(spec):
+        return [spec] * count
+    leaves = pytree.tree_leaves(spec, is_leaf=_is_axes)
+    if len(leaves) != count or not all(_is_axes(x) for x in leaves):
+        raise PlanError(f"each dynamic_shapes entry must be {{dim: 'axis_name'}} or None, got {spec!r}.")
+    return leaves
 
 
 def _memory_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

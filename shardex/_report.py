@@ -12,7 +12,7 @@ import html
 import math
 import os
 
-from shardex._output import MODEL_FILE, REPORT_FILE, load_manifest, write_atomic
+from shardex._output import REPORT_FILE, load_manifest, model_files, write_atomic
 
 STAGES = [
     ("plan", "plan"),
@@ -48,7 +48,7 @@ def worst_output_diff(manifest: dict) -> float | None:
 
 
 def total_bytes(manifest: dict) -> int:
-    return manifest["model"]["bytes"] + sum(s["nbytes"] for s in manifest["shards"])
+    return sum(m["bytes"] for m in model_files(manifest)) + sum(s["nbytes"] for s in manifest["shards"])
 
 
 def summarize(manifest: dict, output_dir: str) -> dict:
@@ -65,7 +65,8 @@ def summarize(manifest: dict, output_dir: str) -> dict:
             {"function": g["function"], "class": g["class"], "calls": len(g["members"])} for g in groups
         ],
         "bytes": total_bytes(manifest),
-        "model": {**manifest["model"], "path": os.path.join(out, MODEL_FILE)},
+        "model": {**manifest["model"], "path": os.path.join(out, manifest["model"]["file"])},
+        "models": [m | {"path": os.path.join(out, m["file"])} for m in model_files(manifest)],
         "shards": [{k: s[k] for k in ("file", "nbytes", "sha256")} for s in manifest["shards"]],
         "timings": manifest["timings"],
         "max_abs_diff": worst_output_diff(manifest),
@@ -88,6 +89,7 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     groups = manifest["plan"]["groups"]
     calls = sum(len(g["members"]) for g in groups)
     shard_bytes = sum(s["nbytes"] for s in manifest["shards"])
+    models = " + ".join(f"{m['file']} {human_bytes(m['bytes'])}" for m in model_files(manifest))
     timings = manifest["timings"]
     stages = ", ".join(f"{label} {timings[key]:.1f}s" for key, label in STAGES if key in timings)
     distinct = ", ".join(f"{g['function']} x{len(g['members'])}" for g in groups)
@@ -97,7 +99,7 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
         f"({SOURCE_KINDS.get(source['kind'], source['kind'])})",
         f"  parameters  {manifest['parameters']:,} ({human_count(manifest['parameters'])})",
         f"  blocks      {calls} layers, {len(groups)} distinct: {distinct}",
-        f"  size        {MODEL_FILE} {human_bytes(manifest['model']['bytes'])} + "
+        f"  size        {models} + "
         f"{len(manifest['shards'])} shard(s) {human_bytes(shard_bytes)} = {human_bytes(total_bytes(manifest))}",
         f"  time        {stages}; total {timings['total']:.1f}s",
         *_verification_lines(manifest.get("verification")),
@@ -390,8 +392,7 @@ def _shards_table(manifest: dict) -> str:
         ]
         for s in manifest["shards"]
     ]
-    model = manifest["model"]
-    rows.append(
+    rows += [
         [
             f"<code>{_e(model['file'])}</code>",
             human_bytes(model["bytes"]),
@@ -399,7 +400,8 @@ def _shards_table(manifest: dict) -> str:
             "",
             f"<code>{_e(model['sha256'][:16])}</code>",
         ]
-    )
+        for model in model_files(manifest)
+    ]
     return _table(["file", "size", "tensors", "written in", "sha256"], rows, numeric=(1, 2, 3))
 
 

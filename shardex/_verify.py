@@ -376,11 +376,11 @@ def verify_global(
     least once and memory stays about one segment's weights plus the activations. A flat
     (inlined) graph is run as written, like one with block functions.
     """
-    runner = SavedModelRunner(output_dir, promote, max_session_bytes)
+    runner = SavedModelRunner(output_dir, promote, max_session_bytes, model_file=plan.model_file)
     try:
         (outputs,) = runner.run_steps([global_step(runner, inputs, promote)])
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
-        return [runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)]
+        return [runtime_failure(f"{plan.model_file} in {output_dir}", e, atol, rtol)]
     return global_checks(runner, outputs, reference, atol, rtol)
 
 
@@ -416,8 +416,15 @@ class SavedModelRunner:
     graph in segments (`_SegmentedRunner`). ONNX Runtime resolves every external-data
     reference itself either way. `run_steps` runs several steps in one pass over the weights."""
 
-    def __init__(self, output_dir: str, promote: bool, max_session_bytes: int | None = None) -> None:
-        path = os.path.join(output_dir, MODEL_FILE)
+    def __init__(
+        self,
+        output_dir: str,
+        promote: bool,
+        max_session_bytes: int | None = None,
+        *,
+        model_file: str = MODEL_FILE,
+    ) -> None:
+        path = os.path.join(output_dir, model_file)
         model = ir.load(path)  # initializers stay references into the shards
         self.input_names = [v.name for v in model.graph.inputs]
         self.output_names = [v.name for v in model.graph.outputs]
@@ -698,7 +705,7 @@ def verify_block_group(
     """Each member's ONNX function vs its PyTorch outputs. The weights are the member's
     initializers in ``model.onnx`` as saved (references into the shards, resolved by ONNX
     Runtime), bound to the check model's weight inputs: one session per member."""
-    saved = _saved_initializers(output_dir)
+    saved = _saved_initializers(os.path.join(output_dir, plan.model_file))
     data_inputs = len(group.call.inputs)
     results = []
     for path in group.members:
@@ -724,9 +731,9 @@ def verify_block_group(
     return results
 
 
-def _saved_initializers(output_dir: str) -> dict[str, onnx.TensorProto]:
-    """The initializers of ``model.onnx`` as written: their external-data references, no data."""
-    proto = onnx.load(os.path.join(output_dir, MODEL_FILE), load_external_data=False)
+def _saved_initializers(path: str) -> dict[str, onnx.TensorProto]:
+    """The initializers of the saved model at `path`: their external-data references, no data."""
+    proto = onnx.load(path, load_external_data=False)
     return {t.name: t for t in proto.graph.initializer}
 
 

@@ -44,7 +44,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from shardex._errors import OptionsError, ShardexError
 from shardex._hub import looks_like_repo_id
-from shardex._output import load_manifest, write_atomic
+from shardex._output import load_manifest, model_files, write_atomic
 from shardex._report import REPORT_FILE, human_bytes, human_count, summarize
 from shardex._weights import file_sha256
 
@@ -188,14 +188,14 @@ def export_is_complete(output_dir: str) -> bool:
         manifest = load_manifest(output_dir)
     except (ShardexError, OSError, ValueError):
         return False
-    model = os.path.join(output_dir, manifest["model"]["file"])
-    files = [(model, manifest["model"]["bytes"])] + [
+    models = [(os.path.join(output_dir, m["file"]), m["bytes"], m["sha256"]) for m in model_files(manifest)]
+    files = [(path, size) for path, size, _ in models] + [
         (os.path.join(output_dir, s["file"]), s["nbytes"]) for s in manifest["shards"]
     ]
     return (
         manifest["status"] == "complete"
         and all(os.path.isfile(p) and os.path.getsize(p) == n for p, n in files)
-        and file_sha256(model) == manifest["model"]["sha256"]
+        and all(file_sha256(path) == digest for path, _, digest in models)
     )
 
 

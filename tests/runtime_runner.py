@@ -7,6 +7,7 @@ environment (for `until_eos`).
 
     {"command": "genai_greedy", "model_dir": ..., "prompts": [[ids], ...], "max_new_tokens": N}
     {"command": "optimum_greedy", ...same...}
+    {"command": "optimum_seq2seq_greedy", "model_dir": ..., "inputs": {"input_ids": [[...]], ...}, "max_new_tokens": N}
     {"command": "genai_encode", "model_dir": ..., "text": "..."}
 
 Greedy answers are each row's new tokens, cut after the first end-of-sequence token as the
@@ -67,6 +68,36 @@ def optimum_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int
     return hf_greedy(ORTModelForCausalLM.from_pretrained(model_dir), prompts, max_new_tokens)
 
 
+def optimum_seq2seq_greedy(model_dir: str, inputs: dict[str, list], max_new_tokens: int) -> list[list[int]]:
+    """Optimum's encoder-decoder classes (`ORTModelForSeq2SeqLM`, `ORTModelForSpeechSeq2Seq` for
+    speech) on `model_dir`, greedy."""
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTModelForSpeechSeq2Seq
+
+    speech = "input_features" in inputs
+    model = (ORTModelForSpeechSeq2Seq if speech else ORTModelForSeq2SeqLM).from_pretrained(model_dir)
+    return hf_seq2seq_greedy(model, inputs, max_new_tokens)
+
+
+def hf_seq2seq_greedy(model, inputs: dict[str, list], max_new_tokens: int) -> list[list[int]]:
+    """An encoder-decoder's `generate(do_sample=False)`, no eos forced at the length limit: each
+    row's new tokens (Whisper's `generate` returns no start token, the others do), cut after
+    eos. `inputs` are the encoder's (token ids and mask, or features)."""
+    import torch
+
+    tensors = {k: torch.tensor(v) for k, v in inputs.items()}
+    config = model.generation_config
+    with torch.no_grad():
+        out = model.generate(
+            **tensors,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            forced_eos_token_id=None,
+        )
+    start = config.decoder_start_token_id
+    return [until_eos(row[1:] if row[0] == start else row, config.eos_token_id) for row in out.tolist()]
+
+
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """`model.generate(do_sample=False)` of a transformers model or an Optimum ORTModel."""
     import torch
@@ -92,7 +123,12 @@ def genai_encode(model_dir: str, text: str) -> list[int]:
     return [int(t) for t in og.Tokenizer(og.Model(model_dir)).encode(text)]
 
 
-COMMANDS = {"genai_greedy": genai_greedy, "optimum_greedy": optimum_greedy, "genai_encode": genai_encode}
+COMMANDS = {
+    "genai_greedy": genai_greedy,
+    "optimum_greedy": optimum_greedy,
+    "optimum_seq2seq_greedy": optimum_seq2seq_greedy,
+    "genai_encode": genai_encode,
+}
 
 
 def main() -> int:
