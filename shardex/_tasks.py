@@ -31,6 +31,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from shardex import _state_cache
+from shardex._state_cache import LayerState, LayerStateCache
+
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 TEXT_GENERATION = "text-generation"
 TASKS = (TEXT_GENERATION_WITH_PAST, TEXT_GENERATION)
@@ -135,6 +138,8 @@ def split_cache(args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict, Any
         if is_model_cache(value):
             found = value
             entry = value.layers[layer]
+            if _state_cache.is_state_layer(entry):  # a state-space layer's recurrent state
+                return _state_cache.layer_state(entry)
             return LayerKV(entry.keys, entry.values)
         return value
 
@@ -152,6 +157,9 @@ def call_block(run: Callable, args: tuple, kwargs: dict):
         if isinstance(value, LayerKV):
             caches.append(LayerCache(value))
             return caches[-1]
+        if isinstance(value, LayerState):
+            caches.append(LayerStateCache(value))
+            return caches[-1]
         return value
 
     output = run(*(to_cache(a) for a in args), **{k: to_cache(v) for k, v in kwargs.items()})
@@ -167,6 +175,9 @@ def merge_cache(output, cache, layer: int):
         return output
     output, present = output
     entry = cache.layers[layer]
+    if isinstance(present, LayerState):
+        _state_cache.write_state(entry, present)
+        return output
     entry.keys, entry.values = present.key, present.value
     return output
 
@@ -226,7 +237,9 @@ def check_runtime(runtime: str) -> None:
 
 def install_task(model: nn.Module, task: str | None) -> None:
     """Give `model` the forward of `task` (an instance attribute over the class's forward)."""
-    if task == TEXT_GENERATION_WITH_PAST:
+    if task == TEXT_GENERATION_WITH_PAST and _state_cache.is_state_space(model):
+        model.forward = _state_cache.state_generation_forward(model)
+    elif task == TEXT_GENERATION_WITH_PAST:
         model.forward = _generation_forward(model)
 
 
@@ -262,7 +275,10 @@ def _generation_forward(model: nn.Module) -> Callable:
 
 def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Size, torch.dtype]]):
     """Example inputs of one generation step (batch 2, 8 new tokens after a past of 5) and their
-    dynamic axes; `layout` gives each cache layer's key and value shape and dtype."""
+    dynamic axes; `layout` gives each cache layer's key and value shape and dtype (a
+    state-space model's: its conv and ssm state's, see `_state_cache`)."""
+    if _state_cache.is_state_space(model):
+        return _state_cache.state_example(model, layout, EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batch, seq, past = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
@@ -322,12 +338,15 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]] | None:
     """Each cache layer's key and value shape and dtype, read off one prefill of two tokens run
-    by `run(model, kwargs)` (under fake tensors: no weights are touched). None when the cache is
-    not one of keys and values for every layer (a state-space model's conv and recurrent states)."""
+    by `run(model, kwargs)` (under fake tensors: no weights are touched); for a state-space model
+    shardex exports with its state (Mamba), each layer's conv and ssm state shape and dtype
+    (`_state_cache.state_layout`). None when the cache is neither (a hybrid model's)."""
     ids = torch.zeros(1, 2, dtype=torch.int64)
     output = run(model, {"input_ids": ids, "use_cache": True})
     cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
     layers = getattr(cache, "layers", None) or []
+    if _state_cache.is_state_space(model):
+        return _state_cache.state_layout(model, layers)
     if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
         return None
     return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in layers]
@@ -339,8 +358,9 @@ def hole_names(params: list[str], args: tuple, kwargs: dict, output) -> tuple[li
     (``position_embeddings.0``), its cache layer as ``past_key_values.key/value`` in and
     ``present.key/value`` out; its own outputs ``output`` (``output.0``, ... for several)."""
     named = {params[i] if i < len(params) else f"input_{i}": a for i, a in enumerate(args)} | kwargs
-    has_past = any(isinstance(v, LayerKV) for v in named.values())
+    has_past = any(isinstance(v, (LayerKV, LayerState)) for v in named.values())
     named = {"past_key_values" if isinstance(v, LayerKV) else k: v for k, v in named.items()}
+    named = {"past" if isinstance(v, LayerState) else k: v for k, v in named.items()}
     outputs = {"output": output[0], "present": output[1]} if has_past else {"output": output}
     return tree_names(named), tree_names(outputs)
 
