@@ -33,6 +33,7 @@ from shardex._errors import CaptureError
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
+from shardex._state_cache import is_state_layer, layer_state
 from shardex._tasks import (
     DERIVED_AXES,
     GENERATION_AXES,
@@ -184,16 +185,27 @@ def _same_cache_dims(cache) -> None:
     length. The export declares them one named dim each, but torch.export equates such dims
     only when the trace ends; until then each layer's past carries symbols of its own and each
     hole call would look new to `_hole_fake`'s memo, running the block once per layer instead
-    of once per group."""
-    first = getattr(cache.layers[0], "keys", None) if cache.layers else None
-    length = first.shape[2] if isinstance(first, torch.Tensor) else None
-    if not isinstance(length, torch.SymInt) or id(length.node.shape_env) in _EQUATED_CACHES:
+    of once per group. A state-space model's state (`_state_cache`) shares its batch only."""
+    layers = [_cache_tensors(layer) for layer in cache.layers]
+    first, axes = layers[0][0] if layers and layers[0] else (None, ())
+    size = first.shape[axes[-1]] if first is not None else None
+    if not isinstance(size, torch.SymInt) or id(size.node.shape_env) in _EQUATED_CACHES:
         return
-    _EQUATED_CACHES.add(id(length.node.shape_env))
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            for axis in (0, 2) if isinstance(tensor, torch.Tensor) else ():
+    _EQUATED_CACHES.add(id(size.node.shape_env))
+    for tensors in layers:
+        for tensor, axes in tensors:
+            for axis in axes:
                 torch._check(tensor.shape[axis] == first.shape[axis])
+
+
+def _cache_tensors(layer) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """A cache layer's tensors, each with the axes every layer shares: keys and values (batch,
+    length), or a state layer's conv and ssm states (batch)."""
+    if is_state_layer(layer):
+        state = layer_state(layer)
+        return [(state.conv, (0,)), (state.ssm, (0,))]
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return [(t, (0, 2)) for t in tensors if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager
