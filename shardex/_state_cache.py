@@ -136,10 +136,10 @@ def is_state_space(model: nn.Module) -> bool:
     return type(model).__module__ in MAMBA_MODULES
 
 
-def state_layout(model: nn.Module, layers: list) -> list[tuple[torch.Size, torch.dtype, torch.Size, torch.dtype]] | None:
+def state_layout(layers: list) -> list[tuple[torch.Size, torch.dtype, torch.Size, torch.dtype]] | None:
     """Each layer's conv and ssm state shape and dtype, from the cache layers of a prefill; None
-    unless every layer is a state layer of a model shardex exports with its state."""
-    if not is_state_space(model) or not layers or not all(is_state_layer(layer) for layer in layers):
+    unless every layer is a state layer."""
+    if not layers or not all(is_state_layer(layer) for layer in layers):
         return None
     states = [layer_state(layer) for layer in layers]
     if not all(isinstance(s.conv, torch.Tensor) and isinstance(s.ssm, torch.Tensor) for s in states):

@@ -16,7 +16,8 @@ never sees the model's cache object. It is called in *hole form*: the cache argu
 by `LayerKV` (its own past), which becomes a `LayerCache` while the block runs; `update` there
 concatenates the new states exactly as transformers' `DynamicLayer` does. The plan's recording,
 the trunk's hole op, the block capture and the PyTorch reference all go through `split_cache`,
-`call_block` and `merge_cache`, so the four agree on one contract.
+`call_block` and `merge_cache`, so the four agree on one contract. A state-space model (Mamba)
+exports its recurrent state the same way, as `LayerState` (see `_state_cache`).
 """
 
 from __future__ import annotations
@@ -346,7 +347,7 @@ def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torc
     cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
     layers = getattr(cache, "layers", None) or []
     if _state_cache.is_state_space(model):
-        return _state_cache.state_layout(model, layers)
+        return _state_cache.state_layout(layers)
     if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
         return None
     return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in layers]
@@ -356,7 +357,8 @@ def hole_names(params: list[str], args: tuple, kwargs: dict, output) -> tuple[li
     """Readable names of a block's hole-form inputs and outputs: positional inputs by the
     forward's parameter names, keyword inputs by their keywords, nested ones by path
     (``position_embeddings.0``), its cache layer as ``past_key_values.key/value`` in and
-    ``present.key/value`` out; its own outputs ``output`` (``output.0``, ... for several)."""
+    ``present.key/value`` out (a state layer's as ``past.conv/ssm`` and ``present.conv/ssm``);
+    its own outputs ``output`` (``output.0``, ... for several)."""
     named = {params[i] if i < len(params) else f"input_{i}": a for i, a in enumerate(args)} | kwargs
     has_past = any(isinstance(v, (LayerKV, LayerState)) for v in named.values())
     named = {"past_key_values" if isinstance(v, LayerKV) else k: v for k, v in named.items()}
