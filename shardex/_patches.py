@@ -36,7 +36,9 @@ MAMBA_MIXERS = {
 }
 MAMBA_MODULES = tuple(MAMBA_MIXERS)
 # The past SSM state of the mixer running on a hole-form state cache: where the scan starts.
-_PAST_SSM: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("shardex_past_ssm", default=None)
+_PAST_SSM: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "shardex_past_ssm", default=None
+)
 
 
 def mamba_selective_scan_as_scan(

@@ -61,16 +61,7 @@ class LayerState:
     ssm: torch.Tensor
 
 
-pytree.register_pytree_node(
-    LayerState,
-    lambda s: ([s.conv, s.ssm], None),
-    lambda children, _: LayerState(*children),
-    serialized_type_name="shardex.LayerState",
-    flatten_with_keys_fn=lambda s: (
-        [(pytree.GetAttrKey("conv"), s.conv), (pytree.GetAttrKey("ssm"), s.ssm)],
-        None,
-    ),
-)
+pytree.register_dataclass(LayerState, serialized_type_name="shardex.LayerState")
 
 
 class LayerStateCache:

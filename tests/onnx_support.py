@@ -45,7 +45,9 @@ def step_feeds(
         feeds["position_ids"] = positions(attention_mask)[:, -input_ids.shape[1] :]
     for name, meta in names.items():
         if name.startswith(("past_conv.", "past_ssm.")):  # a state-space model's recurrent state
-            feeds[name] = np.zeros((input_ids.shape[0], *meta.shape[1:]), np.float32) if past is None else past[name]
+            feeds[name] = (
+                np.zeros((input_ids.shape[0], *meta.shape[1:]), np.float32) if past is None else past[name]
+            )
         elif name.startswith("past_key_values."):
             if past is None:
                 _, heads, _, head_dim = meta.shape
@@ -75,7 +77,11 @@ def greedy_onnx(model_path, input_ids: np.ndarray, attention_mask: np.ndarray, n
 
 def past_name(present: str) -> str:
     """The input a present output feeds on the next step (transformers.js's renaming)."""
-    for before, after in (("present_conv.", "past_conv."), ("present_ssm.", "past_ssm."), ("present.", "past_key_values.")):
+    for before, after in (
+        ("present_conv.", "past_conv."),
+        ("present_ssm.", "past_ssm."),
+        ("present.", "past_key_values."),
+    ):
         if present.startswith(before):
             return after + present[len(before) :]
     return present

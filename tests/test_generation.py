@@ -124,7 +124,9 @@ def build_state_space(family: str):
     import transformers
 
     names = {"mamba": "Mamba", "falcon_mamba": "FalconMamba"}[family]
-    config = getattr(transformers, f"{names}Config")(**BY_NAME["mamba"].config_kwargs, tie_word_embeddings=False)
+    config = getattr(transformers, f"{names}Config")(
+        **BY_NAME["mamba"].config_kwargs, tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     return getattr(transformers, f"{names}ForCausalLM")(config).eval()
 
@@ -181,7 +183,9 @@ def test_state_space_state_is_the_cache(tmp_path, family):
         after_prompt = _step(sess, ids[:, :6], 6, None)
         assert _max_diff(after_prompt, prefill.logits, prefill.cache, layers) <= 1e-4
         decode = model(ids[:, 6:7], cache=prefill.cache, use_cache=True)  # one token: the decode path
-        assert _max_diff(_step(sess, ids[:, 6:7], 7, after_prompt), decode.logits, decode.cache, layers) <= 1e-4
+        assert (
+            _max_diff(_step(sess, ids[:, 6:7], 7, after_prompt), decode.logits, decode.cache, layers) <= 1e-4
+        )
         whole = model(ids, use_cache=True)
         chunk = _step(sess, ids[:, 6:], 9, after_prompt)
         assert _max_diff(chunk, whole.logits[:, 6:], whole.cache, layers) <= 1e-4
