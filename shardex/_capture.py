@@ -33,6 +33,7 @@ from shardex._errors import CaptureError
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
+from shardex._state_cache import is_state_layer, layer_state
 from shardex._tasks import (
     CACHE_AXES,
     DERIVED_AXES,
@@ -184,27 +185,36 @@ def _same_cache_dims(cache) -> None:
     length. The export declares them one named dim each, but torch.export equates such dims
     only when the trace ends; until then each layer's past carries symbols of its own and each
     hole call would look new to `_hole_fake`'s memo, running the block once per layer instead
-    of once per group."""
-    # An encoder-decoder's cache is two: self-attention's and cross-attention's.
+    of once per group. An encoder-decoder's cache is two (self- and cross-attention's), each
+    equated within itself; a state-space model's state (`_state_cache`) shares its batch only."""
     caches = (
         [cache.self_attention_cache, cache.cross_attention_cache]
         if hasattr(cache, "cross_attention_cache")
         else [cache]
     )
-    firsts = [getattr(c.layers[0], "keys", None) if c.layers else None for c in caches]
-    lengths = [first.shape[2] for first in firsts if isinstance(first, torch.Tensor)]
-    if (
-        not lengths
-        or not isinstance(lengths[0], torch.SymInt)
-        or id(lengths[0].node.shape_env) in _EQUATED_CACHES
-    ):
+    stacks = [[_cache_tensors(layer) for layer in c.layers] for c in caches]
+    stacks = [layers for layers in stacks if layers and layers[0]]
+    first, axes = stacks[0][0][0] if stacks else (None, ())
+    size = first.shape[axes[-1]] if first is not None else None
+    if not isinstance(size, torch.SymInt) or id(size.node.shape_env) in _EQUATED_CACHES:
         return
-    _EQUATED_CACHES.add(id(lengths[0].node.shape_env))
-    for each, first in zip(caches, firsts):
-        for layer in each.layers if isinstance(first, torch.Tensor) else ():
-            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                for axis in (0, 2) if isinstance(tensor, torch.Tensor) else ():
+    _EQUATED_CACHES.add(id(size.node.shape_env))
+    for layers in stacks:
+        first = layers[0][0][0]
+        for tensors in layers:
+            for tensor, axes in tensors:
+                for axis in axes:
                     torch._check(tensor.shape[axis] == first.shape[axis])
+
+
+def _cache_tensors(layer) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
+    """A cache layer's tensors, each with the axes every layer shares: keys and values (batch,
+    length), or a state layer's conv and ssm states (batch)."""
+    if is_state_layer(layer):
+        state = layer_state(layer)
+        return [(state.conv, (0,)), (state.ssm, (0,))]
+    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
+    return [(t, (0, 2)) for t in tensors if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager

@@ -859,6 +859,8 @@ def _write_runtime_layout(plan: Plan, out: str, model: ir.Model) -> list[str]:
         return write_runtime_files(out, plan.source.location, io=None)
     inputs = dict(zip(plan.input_names, plan.example.flat_tensors()))
     keys = [t for name, t in inputs.items() if name.startswith("past_key_values.") and name.endswith(".key")]
+    if not keys:  # a state-space model's recurrent state: onnxruntime-genai runs no such model
+        return []
     fused = any(
         node.op_type == "GroupQueryAttention"
         for graph in [model.graph, *model.functions.values()]

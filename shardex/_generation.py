@@ -25,6 +25,7 @@ import torch
 
 from shardex._output import MODEL_FILE
 from shardex._plan import ExampleInputs, Plan
+from shardex._state_cache import next_state, present_name, zero_state, zero_state_feeds
 from shardex._verify import (
     CheckResult,
     SavedModelRunner,
@@ -104,7 +105,7 @@ def _positions(attention_mask: np.ndarray) -> np.ndarray:
 
 def _empty_past(plan: Plan, batch: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Each cache layer's key and value shape with a past of length 0."""
-    example = plan.example.kwargs["past_key_values"]
+    example = plan.example.kwargs.get("past_key_values", ())  # none: a state-space model's state
     return [
         tuple((batch, *layer[kind].shape[1:2], 0, *layer[kind].shape[3:]) for kind in ("key", "value"))
         for layer in example
@@ -122,6 +123,7 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
         }
         for key, value in _empty_past(plan, ids.shape[0])
     )
+    state = zero_state(plan.example.kwargs, ids.shape[0], lambda t: t.to(reference.compute))
     step_ids, step_mask = ids, mask
     tokens, step_logits, prefill_logits = [], [], None
     for step in range(new_tokens):
@@ -131,6 +133,9 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
             "position_ids": torch.from_numpy(_positions(step_mask)[:, -step_ids.shape[1] :]),
             "past_key_values": past,
         }
+        if state is not None:  # a state-space model: its recurrent state instead of keys and values
+            del kwargs["past_key_values"]
+            kwargs |= state
         if "position_ids" not in plan.input_names:
             del kwargs["position_ids"]
         output = reference((), kwargs)
@@ -141,7 +146,7 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
             step_logits.append(logits[:, -1])
         next_token = logits[:, -1].argmax(-1)
         tokens.append(next_token)
-        past = output["present"]
+        past, state = output.get("present"), next_state(output)
         step_ids = next_token[:, None].astype(np.int64)
         step_mask = np.concatenate([step_mask, np.ones((step_mask.shape[0], 1), np.int64)], axis=1)
     return GenerationReference(ids, mask, np.stack(tokens, axis=1), prefill_logits, step_logits)
@@ -153,12 +158,12 @@ def generation_steps(plan: Plan, reference: GenerationReference, promote: bool) 
     every step runs in one pass over the weights (`SavedModelRunner.run_steps`)."""
     example = {name: _to_numpy(t) for name, t in zip(plan.input_names, plan.example.flat_tensors())}
     batch = reference.input_ids.shape[0]
-    past = {}
+    past = zero_state_feeds(plan.example.kwargs, batch, np.float32 if promote else None)
     for i, shapes in enumerate(_empty_past(plan, batch)):
         for kind, shape in zip(("key", "value"), shapes):
             name = f"past_key_values.{i}.{kind}"
             past[name] = np.zeros(shape, np.float32 if promote else example[name].dtype)
-    carried = {name: name.replace("past_key_values.", "present.", 1) for name in past}
+    carried = {name: present_name(name) for name in past}
     step_ids, step_mask = reference.input_ids, reference.attention_mask
     steps = []
     for step in range(reference.tokens.shape[1]):

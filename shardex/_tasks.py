@@ -16,7 +16,8 @@ never sees the model's cache object. It is called in *hole form*: the cache argu
 by `LayerKV` (its own past), which becomes a `LayerCache` while the block runs; `update` there
 concatenates the new states exactly as transformers' `DynamicLayer` does. The plan's recording,
 the trunk's hole op, the block capture and the PyTorch reference all go through `split_cache`,
-`call_block` and `merge_cache`, so the four agree on one contract.
+`call_block` and `merge_cache`, so the four agree on one contract. A state-space model (Mamba)
+exports its recurrent state the same way, as `LayerState` (see `_state_cache`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
+
+from shardex import _state_cache
+from shardex._state_cache import LayerState, LayerStateCache
 
 TEXT_GENERATION_WITH_PAST = "text-generation-with-past"
 TEXT_GENERATION = "text-generation"
@@ -187,6 +191,9 @@ def _block_encoder_decoder_cache(kv: CrossLayerKV):
         def get_seq_length(self, *args, **kwargs) -> int:
             return self.self_attention_cache.get_seq_length()
 
+        past = None  # the present is always whole: `call_block` takes it as it is
+
+        @property
         def present(self) -> CrossLayerKV:
             cross = None if self.given_cross else self.cross_attention_cache.present
             return CrossLayerKV(self.self_attention_cache.current, cross)
@@ -242,6 +249,8 @@ def split_cache(args: tuple, kwargs: dict, layer: int) -> tuple[tuple, dict, Any
                     LayerKV(cross[layer].keys, cross[layer].values) if value.is_updated.get(layer) else None,
                 )
             entry = value.layers[layer]
+            if _state_cache.is_state_layer(entry):  # a state-space layer's recurrent state
+                return _state_cache.layer_state(entry)
             return LayerKV(entry.keys, entry.values)
         return value
 
@@ -262,13 +271,16 @@ def call_block(run: Callable, args: tuple, kwargs: dict):
         if isinstance(value, CrossLayerKV):
             caches.append(_block_encoder_decoder_cache(value))
             return caches[-1]
+        if isinstance(value, LayerState):
+            caches.append(LayerStateCache(value))
+            return caches[-1]
         return value
 
     output = run(*(to_cache(a) for a in args), **{k: to_cache(v) for k, v in kwargs.items()})
     if not caches:
         return output
     (cache,) = caches
-    return output, cache.current if isinstance(cache, LayerCache) else cache.present()
+    return output, cache.present or cache.past
 
 
 def merge_cache(output, cache, layer: int):
@@ -283,6 +295,9 @@ def merge_cache(output, cache, layer: int):
         cache.is_updated[layer] = True
         return output
     entry = cache.layers[layer]
+    if isinstance(present, LayerState):
+        _state_cache.write_state(entry, present)
+        return output
     entry.keys, entry.values = present.key, present.value
     return output
 
@@ -391,7 +406,9 @@ def install_task(model: nn.Module, task: str | None, component: str | None = Non
     """Give `model` the forward of `task` (of its `component` for an encoder-decoder task), an
     instance attribute over the class's forward."""
     model.__dict__.pop("forward", None)  # a forward installed before (the plan probes a first step)
-    if task == TEXT_GENERATION_WITH_PAST:
+    if task == TEXT_GENERATION_WITH_PAST and _state_cache.is_state_space(model):
+        model.forward = _state_cache.state_generation_forward(model)
+    elif task == TEXT_GENERATION_WITH_PAST:
         model.forward = _generation_forward(model)
     elif task in SEQ2SEQ_TASKS:
         model.forward = (
@@ -539,7 +556,10 @@ def _generation_forward(model: nn.Module) -> Callable:
 
 def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Size, torch.dtype]]):
     """Example inputs of one generation step (batch 2, 8 new tokens after a past of 5) and their
-    dynamic axes; `layout` gives each cache layer's key and value shape and dtype."""
+    dynamic axes; `layout` gives each cache layer's key and value shape and dtype (a
+    state-space model's: its conv and ssm state's, see `_state_cache`)."""
+    if _state_cache.is_state_space(model):
+        return _state_cache.state_example(model, layout, EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST)
     generator = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     batch, seq, past = EXAMPLE_BATCH, EXAMPLE_SEQUENCE, EXAMPLE_PAST
@@ -599,12 +619,15 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def cache_layout(model: nn.Module, run: Callable) -> list[tuple[torch.Size, torch.Size, torch.dtype]] | None:
     """Each cache layer's key and value shape and dtype, read off one prefill of two tokens run
-    by `run(model, kwargs)` (under fake tensors: no weights are touched). None when the cache is
-    not one of keys and values for every layer (a state-space model's conv and recurrent states)."""
+    by `run(model, kwargs)` (under fake tensors: no weights are touched); for a state-space model
+    shardex exports with its state (Mamba), each layer's conv and ssm state shape and dtype
+    (`_state_cache.state_layout`). None when the cache is neither (a hybrid model's)."""
     ids = torch.zeros(1, 2, dtype=torch.int64)
     output = run(model, {"input_ids": ids, "use_cache": True})
     cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
     layers = getattr(cache, "layers", None) or []
+    if _state_cache.is_state_space(model):
+        return _state_cache.state_layout(layers)
     if not layers or not all(isinstance(getattr(layer, "keys", None), torch.Tensor) for layer in layers):
         return None
     return [(layer.keys.shape, layer.values.shape, layer.keys.dtype) for layer in layers]
@@ -614,10 +637,12 @@ def hole_names(params: list[str], args: tuple, kwargs: dict, output) -> tuple[li
     """Readable names of a block's hole-form inputs and outputs: positional inputs by the
     forward's parameter names, keyword inputs by their keywords, nested ones by path
     (``position_embeddings.0``), its cache layer as ``past_key_values.key/value`` in and
-    ``present.key/value`` out; its own outputs ``output`` (``output.0``, ... for several)."""
+    ``present.key/value`` out (a state layer's as ``past.conv/ssm`` and ``present.conv/ssm``);
+    its own outputs ``output`` (``output.0``, ... for several)."""
     named = {params[i] if i < len(params) else f"input_{i}": a for i, a in enumerate(args)} | kwargs
-    has_past = any(isinstance(v, (LayerKV, CrossLayerKV)) for v in named.values())
+    has_past = any(isinstance(v, (LayerKV, CrossLayerKV, LayerState)) for v in named.values())
     named = {"past_key_values" if isinstance(v, (LayerKV, CrossLayerKV)) else k: v for k, v in named.items()}
+    named = {"past" if isinstance(v, LayerState) else k: v for k, v in named.items()}
     outputs = {"output": output[0], "present": output[1]} if has_past else {"output": output}
     return tree_names(named), tree_names(outputs)
 

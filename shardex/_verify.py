@@ -267,7 +267,11 @@ def _promote_graph(graph: ir.Graph | ir.Function) -> None:
         _promote_value(value)
     for node in ir.traversal.RecursiveGraphIterator(graph):
         for attr in node.attributes.values():
-            if (
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):  # a Scan's body
+                for subgraph in attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]:
+                    for value in subgraph.inputs:
+                        _promote_value(value)
+            elif (
                 attr.name in ("to", "dtype")
                 and attr.type == ir.AttributeType.INT
                 and attr.value in LOW_ONNX_TYPES

@@ -36,14 +36,19 @@ def step_feeds(
     attention_mask: np.ndarray,
     past: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Feeds of one decoder step: `past` maps ``past_key_values.{i}.key/value`` to arrays; None
-    means an empty past (length 0, what runtimes feed on the first step)."""
+    """Feeds of one decoder step: `past` maps ``past_key_values.{i}.key/value`` (a state-space
+    model's ``past_conv.{i}`` / ``past_ssm.{i}``) to arrays; None means an empty past (length 0,
+    what runtimes feed on the first step; a zero state)."""
     feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
     names = {i.name: i for i in sess.get_inputs()}
     if "position_ids" in names:
         feeds["position_ids"] = positions(attention_mask)[:, -input_ids.shape[1] :]
     for name, meta in names.items():
-        if name.startswith("past_key_values."):
+        if name.startswith(("past_conv.", "past_ssm.")):  # a state-space model's recurrent state
+            feeds[name] = (
+                np.zeros((input_ids.shape[0], *meta.shape[1:]), np.float32) if past is None else past[name]
+            )
+        elif name.startswith("past_key_values."):
             if past is None:
                 _, heads, _, head_dim = meta.shape
                 dtype = np.float16 if meta.type == "tensor(float16)" else np.float32
@@ -64,14 +69,22 @@ def greedy_onnx(model_path, input_ids: np.ndarray, attention_mask: np.ndarray, n
         results = dict(zip(outputs, sess.run(None, step_feeds(sess, ids, mask, past))))
         next_token = results["logits"][:, -1].argmax(-1)
         tokens.append(next_token)
-        past = {
-            n.replace("present.", "past_key_values.", 1): v
-            for n, v in results.items()
-            if n.startswith("present.")
-        }
+        past = {past_name(n): v for n, v in results.items() if n.startswith("present")}
         ids = next_token[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
     return np.stack(tokens, axis=1)
+
+
+def past_name(present: str) -> str:
+    """The input a present output feeds on the next step (transformers.js's renaming)."""
+    for before, after in (
+        ("present_conv.", "past_conv."),
+        ("present_ssm.", "past_ssm."),
+        ("present.", "past_key_values."),
+    ):
+        if present.startswith(before):
+            return after + present[len(before) :]
+    return present
 
 
 def greedy_transformers(

@@ -1,20 +1,25 @@
 """Generation-ready exports: the KV cache as inputs and outputs, greedy decoding in plain ONNX
-Runtime equal to transformers' `generate`, left padding, empty and long pasts."""
+Runtime equal to transformers' `generate`, left padding, empty and long pasts; a state-space
+model's recurrent state as its cache (Mamba)."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 import shardex
+from tests.architectures import BY_NAME
 from tests.models import save_block_stack, save_hf
 from tests.onnx_support import (
     greedy_onnx,
     greedy_transformers,
     left_padded_prompts,
+    past_name,
     same_greedy_tokens,
     session,
+    step_feeds,
 )
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -111,3 +116,83 @@ def test_task_errors_are_one_line(tmp_path):
         shardex.export(
             "tests.models:make_block_stack", tmp_path / "out", weights=weights, task="text-generation"
         )
+
+
+def build_state_space(family: str):
+    """A tiny Mamba-like model with its own lm_head (tied to random embeddings, greedy decoding
+    repeats one token; untied, the tokens vary)."""
+    import transformers
+
+    names = {"mamba": "Mamba", "falcon_mamba": "FalconMamba"}[family]
+    config = getattr(transformers, f"{names}Config")(
+        **BY_NAME["mamba"].config_kwargs, tie_word_embeddings=False
+    )
+    torch.manual_seed(0)
+    return getattr(transformers, f"{names}ForCausalLM")(config).eval()
+
+
+def _step(sess, ids: torch.Tensor, total: int, past: dict | None) -> dict[str, np.ndarray]:
+    """One step in ONNX Runtime: `ids` after a sequence of `total` - len tokens (the mask covers all)."""
+    feeds = step_feeds(sess, ids.numpy(), np.ones((ids.shape[0], total), np.int64), past)
+    results = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    return results | {past_name(n): v for n, v in results.items() if n.startswith("present")}
+
+
+def _max_diff(actual: dict[str, np.ndarray], logits: torch.Tensor, cache, layers: int) -> float:
+    """ONNX Runtime's logits and present states against transformers' logits and cache."""
+    diffs = [np.abs(actual["logits"] - logits.numpy()).max()]
+    for i in range(layers):
+        layer = cache.layers[i]
+        diffs.append(np.abs(actual[f"present_conv.{i}"] - layer.conv_states[0].numpy()).max())
+        diffs.append(np.abs(actual[f"present_ssm.{i}"] - layer.recurrent_states[0].numpy()).max())
+    return float(max(diffs))
+
+
+@pytest.mark.parametrize("family", ["mamba", pytest.param("falcon_mamba", marks=pytest.mark.slow)])
+def test_state_space_state_is_the_cache(tmp_path, family):
+    model = build_state_space(family)
+    ckpt = save_hf(model, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    shardex.export(ckpt, out)
+
+    manifest = shardex.load_manifest(out)
+    assert manifest["plan"]["task"] == "text-generation-with-past"
+    assert manifest["verification"]["passed"]
+    assert manifest["verification"]["generation"]["tokens_equal"]  # shardex's own check, state threaded
+    config, layers = model.config, model.config.num_hidden_layers
+    proto = onnx.load(out / "model.onnx", load_external_data=False)
+    (function,) = proto.functions  # one function for every layer ...
+    calls = [n for n in proto.graph.node if n.domain == "shardex.blocks"]
+    assert len(calls) == layers  # ... called once per layer, its state two more inputs and outputs
+    assert {"past.conv", "past.ssm"} <= set(function.input)
+    assert list(function.output) == ["output", "present.conv", "present.ssm"]
+    sess = session(out / "model.onnx")
+    inputs = {i.name: i.shape for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    for i in range(layers):
+        assert inputs[f"past_conv.{i}"] == ["batch_size", config.intermediate_size, config.conv_kernel]
+        assert inputs[f"past_ssm.{i}"] == ["batch_size", config.intermediate_size, config.state_size]
+        assert {f"present_conv.{i}", f"present_ssm.{i}"} <= set(outputs)
+    assert not (out / "genai_config.json").exists()  # onnxruntime-genai runs no Mamba
+
+    # prefill (zero state), transformers' decode step from the prefill's state, and three tokens
+    # after the prompt in one step against transformers' prefill of all nine
+    ids = torch.randint(3, config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        prefill = model(ids[:, :6], use_cache=True)
+        after_prompt = _step(sess, ids[:, :6], 6, None)
+        assert _max_diff(after_prompt, prefill.logits, prefill.cache, layers) <= 1e-4
+        decode = model(ids[:, 6:7], cache=prefill.cache, use_cache=True)  # one token: the decode path
+        assert (
+            _max_diff(_step(sess, ids[:, 6:7], 7, after_prompt), decode.logits, decode.cache, layers) <= 1e-4
+        )
+        whole = model(ids, use_cache=True)
+        chunk = _step(sess, ids[:, 6:], 9, after_prompt)
+        assert _max_diff(chunk, whole.logits[:, 6:], whole.cache, layers) <= 1e-4
+
+    # greedy decoding, the second prompt left-padded: the mask zeroes the pads' inputs
+    ids, mask = left_padded_prompts(2, vocab=config.vocab_size)
+    expected = greedy_transformers(model, ids, mask, 16)
+    actual = greedy_onnx(out / "model.onnx", ids, mask, 16)
+    assert same_greedy_tokens(actual, expected), (actual.tolist(), expected)
+    assert sum(map(len, expected)) >= 16 and all(len(set(row)) > 2 for row in expected)
