@@ -82,16 +82,7 @@ class LayerKV:
     value: torch.Tensor
 
 
-pytree.register_pytree_node(
-    LayerKV,
-    lambda kv: ([kv.key, kv.value], None),
-    lambda children, _: LayerKV(*children),
-    serialized_type_name="shardex.LayerKV",
-    flatten_with_keys_fn=lambda kv: (
-        [(pytree.GetAttrKey("key"), kv.key), (pytree.GetAttrKey("value"), kv.value)],
-        None,
-    ),
-)
+pytree.register_dataclass(LayerKV, serialized_type_name="shardex.LayerKV")
 
 
 @dataclasses.dataclass
@@ -104,16 +95,7 @@ class CrossLayerKV:
     encoder: LayerKV | None
 
 
-pytree.register_pytree_node(
-    CrossLayerKV,
-    lambda kv: ([kv.decoder, kv.encoder], None),
-    lambda children, _: CrossLayerKV(*children),
-    serialized_type_name="shardex.CrossLayerKV",
-    flatten_with_keys_fn=lambda kv: (
-        [(pytree.GetAttrKey("decoder"), kv.decoder), (pytree.GetAttrKey("encoder"), kv.encoder)],
-        None,
-    ),
-)
+pytree.register_dataclass(CrossLayerKV, serialized_type_name="shardex.CrossLayerKV")
 
 
 class LayerCache:
