@@ -388,7 +388,7 @@ def write_manifest(
             "sha256": model_sha256(out, p.model_file),
             "inputs": p.input_names,
             "outputs": p.output_names,
-            "groups": [{"function": g.function_name, "members": g.members} for g in p.groups],
+            "groups": p.to_json()["groups"],
         }
         for p in components or [plan]
     ]

@@ -86,13 +86,20 @@ def format_summary(manifest: dict, output_dir: str, *, heading: str) -> str:
     """The end-of-command summary: model, size, blocks, files, stage times, verification."""
     out = os.path.abspath(output_dir)
     source = manifest["source"]
-    groups = manifest["plan"]["groups"]
+    files = model_files(manifest)
+    # an encoder-decoder's files: each one's block functions, prefixed by its file
+    per_file = [(f"{m['file']}: ", m["groups"]) for m in files] if "models" in manifest else []
+    named = per_file or [("", manifest["plan"]["groups"])]
+    groups = [g for _, file_groups in named for g in file_groups]
     calls = sum(len(g["members"]) for g in groups)
     shard_bytes = sum(s["nbytes"] for s in manifest["shards"])
-    models = " + ".join(f"{m['file']} {human_bytes(m['bytes'])}" for m in model_files(manifest))
+    models = " + ".join(f"{m['file']} {human_bytes(m['bytes'])}" for m in files)
     timings = manifest["timings"]
     stages = ", ".join(f"{label} {timings[key]:.1f}s" for key, label in STAGES if key in timings)
-    distinct = ", ".join(f"{g['function']} x{len(g['members'])}" for g in groups)
+    distinct = "; ".join(
+        prefix + ", ".join(f"{g['function']} x{len(g['members'])}" for g in file_groups)
+        for prefix, file_groups in named
+    )
     lines = [
         f"{heading} {source_name(source)} -> {out} ({manifest['status']})",
         f"  model       {manifest.get('model_class', '?')} from {source['location']} "

@@ -115,7 +115,7 @@ def test_files_share_one_set_of_shards(exported):
         assert len(calls) == sum(len(g["members"]) for g in model["groups"])
     encoder, decoder, with_past = (referenced[name] for name in FILES)
     assert not any(".decoder." in name or name.startswith("decoder.") for name in encoder)
-    assert with_past <= decoder  # the later steps reuse the cross cache: no cross k/v projections
+    assert with_past <= decoder
     inputs = {m["file"]: m["inputs"] for m in manifest["models"]}
     assert "past_key_values.0.encoder.key" in inputs["decoder_with_past_model.onnx"]
     assert not any(n.startswith("past_key_values") for n in inputs["decoder_model.onnx"])

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 
 from shardex._commands import EXIT_CODES_HELP, EXIT_OK, UsageError, add_output_flags, load_export, print_json
 from shardex._dtypes import onnx_type_name
+from shardex._output import model_files
 from shardex._report import SOURCE_KINDS, human_bytes, worst_output_diff
 
 EXAMPLES = """\
@@ -38,12 +39,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     manifest = load_export(args.output)
-    path = os.path.join(args.output, manifest["model"]["file"])
-    try:
-        model = onnx.load(path, load_external_data=False)
-    except (OSError, DecodeError) as e:
-        raise UsageError(f"cannot read {path} ({e}); export the model again with --overwrite.") from None
-    description = describe(model, manifest, args.output)
+    models = []
+    for entry in model_files(manifest):
+        path = os.path.join(args.output, entry["file"])
+        try:
+            models.append((entry, onnx.load(path, load_external_data=False)))
+        except (OSError, DecodeError) as e:
+            raise UsageError(f"cannot read {path} ({e}); export the model again with --overwrite.") from None
+    description = describe(models, manifest, args.output)
     if args.json:
         print_json(description)
     else:
@@ -51,13 +54,15 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
-    """The export as plain data: graph signature, functions and their calls, shards, manifest summary."""
-    graph = model.graph
-    groups = {g["function"]: g for g in manifest["plan"]["groups"]}
-    external = collections.Counter(
-        _external_location(t) for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-    )
+def describe(models: list[tuple[dict, onnx.ModelProto]], manifest: dict, output_dir: str) -> dict:
+    """The export as plain data: each ONNX file's signature, functions and their calls (the
+    first file's at the top level, every file's under ``models``), shards, manifest summary."""
+    files = [_describe_file(entry, model, manifest) for entry, model in models]
+    tensors = collections.defaultdict(set)  # per shard, the tensors any file reads from it
+    for _, model in models:
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                tensors[_external_location(t)].add(t.name)
     verification = manifest.get("verification")
     return {
         "output_dir": os.path.abspath(output_dir),
@@ -67,20 +72,13 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
         "source": manifest["source"],
         "parameters": manifest["parameters"],
         "code": _code_requests(manifest),
-        "ir_version": model.ir_version,
-        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
-        "inputs": [_value(v) for v in graph.input],
-        "outputs": [_value(v) for v in graph.output],
-        "nodes": len(graph.node),
-        "top_ops": collections.Counter(n.op_type for n in graph.node).most_common(5),
-        "initializers": len(graph.initializer),
-        "functions": [_function(f, graph, groups.get(f.name)) for f in model.functions],
-        "model": manifest["model"],
+        **files[0],
+        "models": files,
         "shards": [
             {
                 "file": s["file"],
                 "bytes": s["nbytes"],
-                "tensors": external[s["file"]],
+                "tensors": len(tensors[s["file"]]),
                 "sha256": s["sha256"],
                 "present": _present(os.path.join(output_dir, s["file"]), s["nbytes"]),
             }
@@ -90,6 +88,23 @@ def describe(model: onnx.ModelProto, manifest: dict, output_dir: str) -> dict:
         "verified": None if verification is None else verification["passed"],
         "max_abs_diff": worst_output_diff(manifest),
         "blocks_verified": len(verification["blocks"]) if verification else 0,
+    }
+
+
+def _describe_file(entry: dict, model: onnx.ModelProto, manifest: dict) -> dict:
+    """One ONNX file: its signature, size of graph, block functions and where they are called."""
+    graph = model.graph
+    groups = {g["function"]: g for g in entry.get("groups") or manifest["plan"]["groups"]}
+    return {
+        "model": {k: entry[k] for k in ("file", "bytes", "sha256")},
+        "ir_version": model.ir_version,
+        "opsets": {o.domain or "ai.onnx": o.version for o in model.opset_import},
+        "inputs": [_value(v) for v in graph.input],
+        "outputs": [_value(v) for v in graph.output],
+        "nodes": len(graph.node),
+        "top_ops": collections.Counter(n.op_type for n in graph.node).most_common(5),
+        "initializers": len(graph.initializer),
+        "functions": [_function(f, graph, groups.get(f.name)) for f in model.functions],
     }
 
 
@@ -148,22 +163,9 @@ def format_description(d: dict) -> str:
         f"source      {source['location']} ({SOURCE_KINDS.get(source['kind'], source['kind'])}), "
         f"{d['parameters']:,} parameters",
         *_labelled("code", d["code"]),
-        f"model       {d['model']['file']} {human_bytes(d['model']['bytes'])}, IR {d['ir_version']}, opsets "
-        + ", ".join(f"{k} {v}" for k, v in d["opsets"].items()),
-        *_labelled("inputs", [f"{v['name']}: {v['type']}" for v in d["inputs"]]),
-        *_labelled("outputs", [f"{v['name']}: {v['type']}" for v in d["outputs"]]),
-        f"graph       {d['nodes']} nodes (most: {', '.join(f'{op} {n}' for op, n in d['top_ops'])}), "
-        f"{d['initializers']} initializers",
     ]
-    functions = []
-    for f in d["functions"]:
-        functions.append(
-            f"{f['name']}: {f['nodes']} nodes, {f['weights']} weights, called {len(f['calls'])}x"
-        )
-        functions.append("  in:  " + ", ".join(f"{v['name']}: {v['type']}" for v in f["inputs"]))
-        functions.append("  out: " + ", ".join(f"{v['name']}: {v['type']}" for v in f["outputs"]))
-        functions.append("  at:  " + _abbreviated(f["calls"]))
-    lines += _labelled("functions", functions or ["none (blocks inlined into the graph)"])
+    for file in d["models"]:
+        lines += _file_lines(file)
     lines += _labelled(
         "shards",
         [
@@ -181,6 +183,27 @@ def format_description(d: dict) -> str:
         )
     lines.append(f"total time  {d['timings']['total']:.1f}s")
     return "\n".join(lines)
+
+
+def _file_lines(d: dict) -> list[str]:
+    """One ONNX file's lines: signature, graph size, block functions."""
+    lines = [
+        f"model       {d['model']['file']} {human_bytes(d['model']['bytes'])}, IR {d['ir_version']}, opsets "
+        + ", ".join(f"{k} {v}" for k, v in d["opsets"].items()),
+        *_labelled("inputs", [f"{v['name']}: {v['type']}" for v in d["inputs"]]),
+        *_labelled("outputs", [f"{v['name']}: {v['type']}" for v in d["outputs"]]),
+        f"graph       {d['nodes']} nodes (most: {', '.join(f'{op} {n}' for op, n in d['top_ops'])}), "
+        f"{d['initializers']} initializers",
+    ]
+    functions = []
+    for f in d["functions"]:
+        functions.append(
+            f"{f['name']}: {f['nodes']} nodes, {f['weights']} weights, called {len(f['calls'])}x"
+        )
+        functions.append("  in:  " + ", ".join(f"{v['name']}: {v['type']}" for v in f["inputs"]))
+        functions.append("  out: " + ", ".join(f"{v['name']}: {v['type']}" for v in f["outputs"]))
+        functions.append("  at:  " + _abbreviated(f["calls"]))
+    return lines + _labelled("functions", functions or ["none (blocks inlined into the graph)"])
 
 
 def _labelled(label: str, items: list[str]) -> list[str]:
