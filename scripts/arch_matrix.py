@@ -231,12 +231,13 @@ def _session(path: str):
 
 
 def _run(path: str, feeds: dict, reference, output: str):
-    """Run one program, fed by input name; a cache input gets an empty past (a first step)."""
+    """Run one program, fed by input name; a cache input gets an empty past (a first step), a
+    recurrent state a zero state."""
     from tests.onnx_support import positions, step_feeds
 
     sess = _session(path)
     names = [i.name for i in sess.get_inputs()]
-    if any(n.startswith("past_key_values.") for n in names):
+    if any(n.startswith(("past_key_values.", "past_conv.", "past_ssm.")) for n in names):
         feeds = feeds | step_feeds(sess, feeds["input_ids"], feeds["attention_mask"])
     elif "position_ids" in names and "position_ids" not in feeds:
         feeds = feeds | {"position_ids": positions(feeds["attention_mask"])}

@@ -64,6 +64,7 @@ class Case:
     sparse: bool = False
     tools: tuple[str, ...] = ()  # default: every tool that applies
     speed: bool = False  # runtime speed of the builder's output vs shardex's
+    family: str = "llama"  # make_checkpoint.py --family: llama, or t5 (an encoder-decoder)
 
 
 EXPORTERS = ("torch-onnx", "transformers", "builder")
@@ -92,6 +93,19 @@ CASES = {
             "shardex-warm",
             "verify",
         ),
+    ),
+    # An encoder-decoder (T5 v1.1-large-shaped, 24 + 24 layers): Optimum's three files from shardex,
+    # transformers' prefill + decode programs (each with its own copy of the weights).
+    "t5-0.8b": Case(
+        "t5-0.8b",
+        1024,
+        2816,
+        24,
+        16,
+        16,
+        "float32",
+        family="t5",
+        tools=("floor", "torch-onnx", "transformers", "shardex-cold", "shardex-warm", "verify"),
     ),
     "70b-sparse": Case(
         "70b-sparse", 8192, 28672, 80, 64, 8, "bfloat16", sparse=True, tools=("shardex-cold", "shardex-warm")
@@ -139,7 +153,7 @@ def ensure_checkpoint(case: Case, cache: str, seed: int = 0, name: str | None = 
     path = os.path.join(cache, name or case.name)
     if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
         shutil.rmtree(path, ignore_errors=True)
-        command = [sys.executable, os.path.join(HERE, "make_checkpoint.py"), path]
+        command = [sys.executable, os.path.join(HERE, "make_checkpoint.py"), path, "--family", case.family]
         command += ["--hidden", str(case.hidden), "--intermediate", str(case.intermediate)]
         command += [
             "--layers",
@@ -233,19 +247,19 @@ def child(tool: str, checkpoint: str, target: str) -> None:
     import transformers
 
     start = time.perf_counter()
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype="auto").eval()
+    seq2seq = transformers.AutoConfig.from_pretrained(checkpoint).is_encoder_decoder
+    auto = transformers.AutoModelForSeq2SeqLM if seq2seq else transformers.AutoModelForCausalLM
+    model = auto.from_pretrained(checkpoint, dtype="auto").eval()
     loaded = time.perf_counter()
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     mask = torch.ones_like(ids)
     if tool == "torch-onnx":
         model.config.use_cache = False
         dims = {0: torch.export.Dim.DYNAMIC, 1: torch.export.Dim.DYNAMIC}
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        kwargs |= {"decoder_input_ids": ids[:, :5]} if seq2seq else {}  # the full forward
         program = torch.onnx.export(
-            model,
-            (),
-            kwargs={"input_ids": ids, "attention_mask": mask},
-            dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-            dynamo=True,
+            model, (), kwargs=kwargs, dynamic_shapes=dict.fromkeys(kwargs, dims), dynamo=True
         )
         exported = time.perf_counter()
         program.save(os.path.join(target, "model.onnx"), external_data=True)

@@ -1,4 +1,5 @@
-"""Write a random-weight Llama-architecture checkpoint, as `save_pretrained` lays it out.
+"""Write a random-weight Llama-architecture (or, with `--family t5`, T5) checkpoint, as
+`save_pretrained` lays it out.
 
 Used by the README demo and the benchmarks. Weights are drawn from a pool of normal(0, 0.02)
 values so a 13 GB checkpoint takes seconds of CPU, not minutes; the skeleton comes from
@@ -33,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("output_dir")
+    parser.add_argument(
+        "--family", default="llama", choices=["llama", "t5"], help="llama (decoder) or t5 (encoder-decoder)"
+    )
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--intermediate", type=int, default=None, help="default: 2.75 x hidden, rounded")
     parser.add_argument("--layers", type=int, default=8)
@@ -67,6 +71,29 @@ def llama_config(args: argparse.Namespace):
     )
 
 
+def t5_config(args: argparse.Namespace):
+    """A T5 v1.1-style encoder-decoder: `--layers` in each stack, gated GELU, untied head."""
+    import transformers
+
+    return transformers.T5Config(
+        vocab_size=args.vocab,
+        d_model=args.hidden,
+        d_ff=args.intermediate or int(round(args.hidden * 2.75 / 256)) * 256,
+        d_kv=args.hidden // args.heads,
+        num_layers=args.layers,
+        num_decoder_layers=args.layers,
+        num_heads=args.heads,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        decoder_start_token_id=0,
+        dtype=args.dtype,
+        architectures=["T5ForConditionalGeneration"],
+    )
+
+
+CONFIGS = {"llama": llama_config, "t5": t5_config}
+
+
 def write_checkpoint(
     config, output_dir: str, dtype: torch.dtype, shard_bytes: int, *, sparse: bool = False, seed: int = 0
 ) -> int:
@@ -74,9 +101,16 @@ def write_checkpoint(
     (holes when `sparse`)."""
     import transformers
 
+    model_class = getattr(transformers, config.architectures[0])
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
-    tensors = [(n, tuple(p.shape)) for n, p in model.state_dict().items() if not n.endswith("inv_freq")]
+        model = model_class(config)
+    state = model.state_dict(keep_vars=True)
+    stored: dict[int, str] = {}  # tied tensors (T5's embeddings) are stored once, as save_pretrained does
+    for name, tensor in state.items():
+        stored.setdefault(id(tensor), name)
+    tensors = [
+        (n, tuple(p.shape)) for n, p in state.items() if not n.endswith("inv_freq") and stored[id(p)] == n
+    ]
     pool = (
         torch.from_numpy(np.random.default_rng(2 * seed).standard_normal(POOL_VALUES, dtype=np.float32))
         * 0.02
@@ -133,7 +167,7 @@ def write_checkpoint(
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    config = llama_config(args)
+    config = CONFIGS[args.family](args)
     start = time.perf_counter()
     total = write_checkpoint(
         config,
@@ -145,7 +179,7 @@ def main(argv=None) -> int:
     )
     params = total // torch.tensor([], dtype=getattr(torch, args.dtype)).element_size()
     print(
-        f"wrote {args.output_dir}: Llama, {args.layers} layers, hidden {args.hidden}, {params / 1e9:.2f}B parameters, "
+        f"wrote {args.output_dir}: {config.architectures[0]}, {args.layers} layers, hidden {args.hidden}, {params / 1e9:.2f}B parameters, "
         f"{total / 1e9:.2f} GB {args.dtype}{' (sparse: holes)' if args.sparse else ''} in "
         f"{time.perf_counter() - start:.1f}s",
         file=sys.stderr,
