@@ -174,17 +174,14 @@ def export(
             plan, memory = plans[0]
             _log_plan(plan, timings["plan"])
             journal = _start_journal(out, plan, options, resume, ray)
-            programs = []
             with _stage(timings, "capture_and_weights"):
-                for i, (component_plan, component_memory) in enumerate(plans):
-                    # one set of shards: the first program's stream writes them, the others use them
-                    streamed = component_plan if i == 0 else dataclasses.replace(component_plan, shards=[])
-                    trunk, blocks, written, cached = _capture_and_stream(
-                        streamed, component_memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
-                    )
-                    programs.append(_Program(component_plan, component_memory, trunk, blocks, cached))
-                    if i == 0:
-                        shards = written
+                captured, shards = _capture_and_stream(
+                    [p for p, _ in plans], memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
+                )
+            programs = [
+                _Program(component_plan, component_memory, *pieces)
+                for (component_plan, component_memory), pieces in zip(plans, captured)
+            ]
             with _stage(timings, "stitch"):
                 for program in programs:
                     _stitch_and_save(program, out, inline, verify)
@@ -456,24 +453,24 @@ def verify(
     try:
         with _ray.ray_session(address, runtime_env=runtime_env) as ray:
             _ray.check_output_visible(out, readable=plans[0][0].source.files)
-            programs = []
-            for plan, memory in plans:
-                if options["inline"]:
-                    # Block checks call the block functions, which the flat graph no longer has: rebuild
-                    # them (cheap, weightless captures). The global check runs the flat graph as saved.
-                    trunk, blocks, _, _ = _capture_and_stream(
-                        dataclasses.replace(plan, shards=[]),
-                        memory,
-                        out,
-                        workers,
-                        cpus_per_task=cpus_per_task,
-                        ray=ray,
-                        cache=_capture_cache.resolve(capture_cache),
-                    )
-                    checked = stitch(plan, trunk, blocks, out)
-                else:
-                    checked = ir.load(os.path.join(out, plan.model_file))
-                programs.append((plan, memory, checked))
+            if options["inline"]:
+                # Block checks call the block functions, which the flat graph no longer has: rebuild
+                # them (cheap, weightless captures). The global check runs the flat graph as saved.
+                captured, _ = _capture_and_stream(
+                    [dataclasses.replace(plan, shards=[]) for plan, _ in plans],
+                    plans[0][1],
+                    out,
+                    workers,
+                    cpus_per_task=cpus_per_task,
+                    ray=ray,
+                    cache=_capture_cache.resolve(capture_cache),
+                )
+                checked = [
+                    stitch(plan, trunk, blocks, out) for (plan, _), (trunk, blocks, _) in zip(plans, captured)
+                ]
+            else:
+                checked = [ir.load(os.path.join(out, plan.model_file)) for plan, _ in plans]
+            programs = [(plan, memory, model) for (plan, memory), model in zip(plans, checked)]
             new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
             report = _verify_programs(programs, out, atol, rtol, workers, cpus_per_task, new_tokens)
         report.shard_hash_mismatches = [
@@ -544,7 +541,7 @@ def _option(parse, value):
 
 
 def _capture_and_stream(
-    plan: Plan,
+    plans: list[Plan],
     memory,
     out: str,
     workers: int | None,
@@ -554,34 +551,42 @@ def _capture_and_stream(
     ray: _ray.RaySession,
     cache: _capture_cache.CaptureCache | None = None,
 ):
-    """Capture the pieces the capture cache lacks (on Ray) while the shards are written, and
-    return (trunk, blocks by group id, shard results in plan order, the cache's account).
+    """Capture the pieces of every plan (the programs of one export: one, or an encoder-decoder's
+    three, all on the first plan's shards) that the capture cache lacks, on Ray, all at once,
+    while the first plan's shards are written. Returns ``[(trunk, blocks by group id, the
+    cache's account)]`` per plan and the shard results in plan order.
 
     Shards are written by threads of this process when every Ray worker would be on this
     machine anyway (kernel copies, hashing and fsync release the GIL; no worker process, no
     object store), else as Ray tasks spread over the cluster's nodes. Memory-held tensors and
     zero-copy links are always local. Shards the journal already holds (a resumed export) are
     not written again."""
+    plan = plans[0]
     entries = {t.name: t for t in plan.tensors}
     done = journal.results if journal else {}
     todo = [s for s in plan.shards if s.file not in done]
-    keys = _capture_cache.piece_keys(plan) if cache is not None else None
-    pieces: dict[str, CapturedPiece] = {}
-    if keys is not None:
-        pieces = {name: piece for name, key in keys.items() if (piece := cache.get(key)) is not None}
-    captures = [_ray.Task("capture trunk", capture_trunk, (plan,))] if "trunk" not in pieces else []
-    captures += [
-        _ray.Task(f"capture {g.function_name}", capture_block, (plan, g.id))
-        for g in plan.groups
-        if g.function_name not in pieces
+    keys = [_capture_cache.piece_keys(p) if cache is not None else None for p in plans]
+    pieces: list[dict[str, CapturedPiece]] = [
+        {name: piece for name, key in (k or {}).items() if (piece := cache.get(key)) is not None}
+        for k in keys
     ]
+    captures: list[_ray.Task] = []
+    owners: list[tuple[int, str]] = []  # per capture: its plan and piece name
+    for i, p in enumerate(plans):
+        prefix = f"{p.component} " if p.component else ""
+        wanted = [("trunk", capture_trunk, (p,))]
+        wanted += [(g.function_name, capture_block, (p, g.id)) for g in p.groups]
+        for name, function, args in wanted:
+            if name not in pieces[i]:
+                captures.append(_ray.Task(f"capture {prefix}{name}", function, args))
+                owners.append((i, name))
     remote = ray.spans_other_machines()  # a Ray this export may still start runs here alone
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
     writes = [
         _ray.Task(f"write {s.file}", write_shard, (s, [entries[n] for n in s.tensors], out), io_bound=True)
         for s in file_shards
     ]
-    progress = _Progress(len(plan.groups) + 1 - len(pieces), sum(s.size for s in plan.shards))
+    progress = _Progress(len(captures), sum(s.size for s in plan.shards))
     lock = threading.Lock()
 
     def finished(result) -> None:
@@ -621,24 +626,28 @@ def _capture_and_stream(
             else []
         )
         local_results = local.results()
-    for piece in results[: len(captures)]:
-        pieces[piece.name] = piece
-        if keys is not None:
-            cache.put(keys[piece.name], piece)
-    trunk = pieces["trunk"]
-    blocks = {g.id: pieces[g.function_name] for g in plan.groups}
+    for (i, name), piece in zip(owners, results[: len(captures)]):
+        pieces[i][name] = piece
+        if keys[i] is not None:
+            cache.put(keys[i][name], piece)
+    programs = [
+        (
+            pieces[i]["trunk"],
+            {g.id: pieces[i][g.function_name] for g in p.groups},
+            _cache_account(cache, keys[i], {name for owner, name in owners if owner == i}, p),
+        )
+        for i, p in enumerate(plans)
+    ]
     shard_results = dict(done) | {r.file: r for r in [*results[len(captures) :], *local_results]}
-    account = _cache_account(cache, keys, captures, plan)
-    return trunk, blocks, [shard_results[s.file] for s in plan.shards], account
+    return programs, [shard_results[s.file] for s in plan.shards]
 
 
-def _cache_account(cache, keys: dict[str, str] | None, captures: list[_ray.Task], plan: Plan) -> dict:
+def _cache_account(cache, keys: dict[str, str] | None, captured: set[str], plan: Plan) -> dict:
     """What the manifest records of the capture cache: where it is, and which pieces came from it."""
     if cache is None:
         return {"directory": None, "hits": [], "misses": []}
     if keys is None:
         return {"directory": cache.directory, "hits": [], "misses": [], "skipped": "source not cacheable"}
-    captured = {t.label.removeprefix("capture ") for t in captures}
     names = ["trunk", *(g.function_name for g in plan.groups)]
     return {
         "directory": cache.directory,
