@@ -361,6 +361,14 @@ def resolve_task(source: Source, task: str | None, *, explicit_inputs: bool) -> 
             raise PlanError(
                 f"task={task!r} generates its own example inputs; drop args=/kwargs= (--input) or task= (--task)."
             )
+        config = hf_config(source)
+        encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+        if encoder_decoder != (task in SEQ2SEQ_TASKS):
+            kind = "an encoder-decoder" if encoder_decoder else "a decoder-only model"
+            fitting = default_task(config) or "none (drop task=)"
+            raise PlanError(
+                f"task={task!r} does not fit {getattr(config, 'model_type', '?')}, {kind}; its task is {fitting}."
+            )
         return task
     if source.kind != "hf" or explicit_inputs:
         return None

@@ -172,3 +172,18 @@ def test_optimum_generates_transformers_tokens(exported):
         max_new_tokens=NEW_TOKENS,
     )
     assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("family", "task", "fits"),
+    [
+        ("t5", "text-generation-with-past", "text2text-generation-with-past"),
+        ("llama", "text2text-generation-with-past", "text-generation-with-past"),
+    ],
+)
+def test_a_task_that_does_not_fit_the_model_is_refused_in_one_line(family, task, fits, tmp_path):
+    BY_NAME[family].build().save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(shardex.PlanError, match=f"does not fit {family}, .*; its task is {fits}") as caught:
+        shardex.export(tmp_path / "ckpt", tmp_path / "out", task=task)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
