@@ -785,6 +785,7 @@ def _verify(
     ]
     decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
     global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
+    blocks_future = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
         if decode and workers != 1:  # the block checks run on Ray while PyTorch decodes here
             blocks_future = background.submit(
@@ -808,11 +809,15 @@ def _verify(
             )
         else:
             saved = _ray.Task("verify global", verify_global, global_args, gpu=True)
+        if blocks_future is not None:  # the saved model's pass after them: never a block's and
+            group_checks = blocks_future.result()  # a segment's weights in memory at once
+            reference.boundaries.clear()
         results = _ray.run_tasks(
             [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
         )
         global_checks, generation_check = results[0] if generation is not None else (results[0], None)
-        group_checks = results[1:] if block_tasks else blocks_future.result()
+        if blocks_future is None:
+            group_checks = results[1:]
     runtime = (
         f"{plan.model_file} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     )

@@ -35,6 +35,7 @@ from shardex._verify import (
     compare,
     global_checks,
     global_step,
+    release_freed_memory,
     runtime_failure,
 )
 
@@ -149,6 +150,8 @@ def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens
         past, state = output.get("present"), next_state(output)
         step_ids = next_token[:, None].astype(np.int64)
         step_mask = np.concatenate([step_mask, np.ones((step_mask.shape[0], 1), np.int64)], axis=1)
+    del output, past, state  # the last step's cache
+    release_freed_memory()
     return GenerationReference(ids, mask, np.stack(tokens, axis=1), prefill_logits, step_logits)
 
 

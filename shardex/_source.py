@@ -340,12 +340,31 @@ def read_tensor(location: TensorLocation, out: torch.Tensor | None = None) -> to
     ), f"Bug: a buffer of {out.dtype} {list(out.shape)} cannot hold {location.dtype} {list(location.shape)}"
     if not location.nbytes:
         return out.reshape(location.shape)
-    view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+    _pread(location, 0, memoryview(out.view(torch.uint8).reshape(-1).numpy()))
+    return out.reshape(location.shape)
+
+
+def read_rows(location: TensorLocation, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+    """Rows `start:stop` (along the first dim) of a stored tensor, read into the front of `out`
+    (a contiguous buffer of the stored dtype, at least that large); returns that view of `out`.
+    Rows of a safetensors tensor are contiguous: one bounded read."""
+    rows = location.shape[0]
+    assert 0 <= start <= stop <= rows, f"Bug: rows {start}:{stop} of a tensor of {rows}"
+    row_bytes = location.nbytes // rows if rows else 0
+    shape = (stop - start, *location.shape[1:])
+    view = out.reshape(-1)[: (stop - start) * (row_bytes // out.element_size())]
+    if view.numel():
+        _pread(location, start * row_bytes, memoryview(view.view(torch.uint8).numpy()))
+    return view.view(shape)
+
+
+def _pread(location: TensorLocation, offset: int, view: memoryview) -> None:
+    """Fill `view` from `location`'s file, `offset` bytes into the tensor's data."""
     fd = os.open(location.file, os.O_RDONLY)
     try:
         done = 0
-        while done < location.nbytes:
-            n = os.preadv(fd, [view[done:]], location.offset + done)
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], location.offset + offset + done)
             if n == 0:
                 raise SourceError(
                     f"{location.file} is truncated: expected {location.nbytes} bytes at offset "
@@ -354,7 +373,6 @@ def read_tensor(location: TensorLocation, out: torch.Tensor | None = None) -> to
             done += n
     finally:
         os.close(fd)
-    return out.reshape(location.shape)
 
 
 @contextlib.contextmanager

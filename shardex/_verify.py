@@ -19,6 +19,7 @@ low-precision runtime would add.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -29,13 +30,14 @@ import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils import _pytree as pytree
 
 from shardex._conversions import read_source
 from shardex._dtypes import LOW_PRECISION, SAFETENSORS_TO_TORCH, TORCH_TO_ONNX, dtype_name, numpy_dtype
 from shardex._output import MODEL_FILE
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
-from shardex._source import TensorLocation, named_tensors, read_tensor
+from shardex._source import TensorLocation, named_tensors, read_rows, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
 from shardex._tasks import BlockStandIn, call_block, merge_cache, split_cache
 
@@ -125,12 +127,29 @@ def reference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# A 2-D weight of at least this many bytes (as exported) is streamed by the CPU reference: read
+# from the checkpoint where it is used, rows at a time (`_StreamedWeight`).
+STREAM_MIN_BYTES = 1 << 20
+# Rows of a streamed weight converted to the compute dtype at once: they stay in the CPU's cache
+# between the conversion and the matrix product, which reads them from there.
+STREAM_CHUNK_BYTES = 4 << 20
+# An embedding lookup of more distinct rows than this reads the whole table (stored dtype).
+STREAM_MAX_LOOKUP_ROWS = 4096
+
+
 class _WeightLoader:
     """Loads a tensor from the source, rounded through its export dtype, in the compute dtype.
 
-    Block weights are loaded for every call of their block: `load(..., pooled=True)` fills
-    buffers taken from a pool, which `release` gives back once the block has run. Blocks of a
-    group have the same shapes, so after the first block no buffer is allocated, zeroed or
+    On the CPU, large 2-D weights are not loaded at all: `weight` gives a `_StreamedWeight`,
+    whose rows are read from the checkpoint (page cache) where a matrix product or an
+    embedding lookup uses them, a few MB at a time, converted to the compute dtype in a buffer
+    that stays in cache. Nothing of the size of a block (or of the LM head) is held, and the
+    weights cross memory once per forward instead of being read, upcast to a float32 copy and
+    read again. Any other use of such a weight gets its whole value (`load`).
+
+    Other block weights are loaded for every call of their block: `load(..., pooled=True)`
+    fills buffers taken from a pool, which `release` gives back once the block has run. Blocks
+    of a group have the same shapes, so after the first block no buffer is allocated, zeroed or
     faulted in again (fresh multi-GB allocations per forward cost more than the reads)."""
 
     def __init__(
@@ -141,6 +160,24 @@ class _WeightLoader:
         self.compute = compute
         self.device = device
         self.pool: dict[tuple, list[torch.Tensor]] = {}
+        self.scratch: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def weight(self, name: str, *, pooled: bool = False) -> torch.Tensor:
+        """The tensor `name` as the reference's model gets it: streamed where it can be, else
+        loaded (`load`)."""
+        entry = self.plan.entry(name)
+        source = entry.source
+        if (
+            self.device.type == "cpu"
+            and isinstance(source, TensorLocation)
+            and len(entry.shape) == 2
+            and tuple(source.shape) == tuple(entry.shape)
+            and getattr(torch, entry.dtype).is_floating_point
+            and SAFETENSORS_TO_TORCH[source.dtype].is_floating_point
+            and source.nbytes >= STREAM_MIN_BYTES
+        ):
+            return _StreamedWeight(entry, self)
+        return self.load(name, pooled=pooled)
 
     def load(self, name: str, *, pooled: bool = False) -> torch.Tensor:
         entry = self.plan.entry(name)
@@ -170,6 +207,113 @@ class _WeightLoader:
         free = self.pool.get((tuple(shape), dtype, device))
         return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
 
+    # --- streamed weights ----------------------------------------------------------------
+
+    def linear(self, entry, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` with the weight's rows streamed in cache-sized chunks."""
+        rows, cols = entry.shape
+        flat = x.reshape(-1, cols)
+        out = torch.empty((flat.shape[0], rows), dtype=self.compute)
+        step = max(1, STREAM_CHUNK_BYTES // (cols * out.element_size()))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            out[:, start:stop] = torch.mm(flat, self._rows(entry, start, stop, "linear").t())
+        if bias is not None:
+            out += bias
+        return out.reshape(*x.shape[:-1], rows)
+
+    def embedding(self, entry, ids: torch.Tensor) -> torch.Tensor | None:
+        """``F.embedding(ids, weight)`` reading only the rows looked up; None where that is not
+        worth it (many distinct ids) or an id is out of range (the caller then loads it all)."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        if not unique.numel() or unique.numel() > STREAM_MAX_LOOKUP_ROWS:
+            return None
+        if int(unique[0]) < 0 or int(unique[-1]) >= entry.shape[0]:
+            return None
+        table = torch.empty((unique.numel(), entry.shape[1]), dtype=self.compute)
+        for row, index in enumerate(unique.tolist()):
+            table[row] = self._rows(entry, index, index + 1, "embedding")[0]
+        return table[inverse].reshape(*ids.shape, entry.shape[1])
+
+    def _rows(self, entry, start: int, stop: int, use: str) -> torch.Tensor:
+        """Rows `start:stop` of a streamed weight in the compute dtype, rounded through its export
+        dtype, in a scratch buffer of `use` (valid until its next call)."""
+        source, export = entry.source, getattr(torch, entry.dtype)
+        stored = SAFETENSORS_TO_TORCH[source.dtype]
+        count = (stop - start) * entry.shape[1]
+        raw = read_rows(source, start, stop, self._scratch(f"{use}:read", count, stored))
+        if stored == export == self.compute:
+            return raw
+        if export != stored:
+            raw = raw.to(export)
+        return self._scratch(use, count, self.compute)[:count].view(raw.shape).copy_(raw)
+
+    def _scratch(self, use: str, count: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.scratch.get((use, dtype))
+        if buffer is None or buffer.numel() < count:
+            buffer = self.scratch[(use, dtype)] = torch.empty(count, dtype=dtype)
+        return buffer
+
+
+# What a `_StreamedWeight` answers itself, without reading its data.
+_METADATA = {
+    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_meta", "is_sparse",
+    "is_quantized", "is_nested", "is_mkldnn", "is_floating_point", "is_complex", "size", "dim",
+    "numel", "nelement", "element_size", "__len__", "grad", "grad_fn", "is_leaf", "names", "_is_view",
+}  # fmt: skip
+
+
+def _function_name(func) -> str:
+    name = getattr(func, "__name__", "")
+    return getattr(getattr(func, "__self__", None), "__name__", name) if name == "__get__" else name
+
+
+class _StreamedWeight(torch.Tensor):
+    """A large 2-D weight of the CPU reference, as the model's code sees it (its shape, the
+    compute dtype) with no data: ``F.linear`` and ``F.embedding`` read its rows where they use
+    them (`_WeightLoader.linear`/`embedding`); any other operation gets the loaded tensor."""
+
+    @staticmethod
+    def __new__(cls, entry, loader: _WeightLoader):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, entry.shape, dtype=loader.compute, device=loader.device, requires_grad=False
+        )
+
+    def __init__(self, entry, loader: _WeightLoader) -> None:
+        self.entry = entry
+        self.loader = loader
+
+    def __repr__(self) -> str:
+        return f"_StreamedWeight({self.entry.name}, {list(self.shape)})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and not kwargs and 2 <= len(args) <= 3:
+            x, weight, bias = (*args, None)[:3]
+            if type(weight) is cls and isinstance(x, torch.Tensor) and type(x) is not cls:
+                if x.dtype == weight.dtype and x.device.type == "cpu" and type(bias) is not cls:
+                    return weight.loader.linear(weight.entry, x, bias)
+        elif func is F.embedding and len(args) >= 2 and type(args[1]) is cls and type(args[0]) is not cls:
+            ids, weight = args[:2]
+            if kwargs.get("max_norm", args[3] if len(args) > 3 else None) is None:
+                looked_up = weight.loader.embedding(weight.entry, ids)
+                if looked_up is not None:
+                    return looked_up
+        elif _function_name(func) in _METADATA:
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        args, kwargs = pytree.tree_map_only(cls, cls._load, (args, kwargs))
+        return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        args, kwargs = pytree.tree_map_only(cls, cls._load, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+    def _load(self) -> torch.Tensor:
+        return self.loader.load(self.entry.name)
+
 
 class _StreamedBlock(BlockStandIn, nn.Module):
     """Runs a meta block with weights loaded for this call only; records its boundary in hole
@@ -188,12 +332,14 @@ class _StreamedBlock(BlockStandIn, nn.Module):
         self.layer = layer
 
     def forward(self, *args, **kwargs):
-        weights = {n: self.loader.load(f"{self.path}.{n}", pooled=True) for n in self.group.weight_names}
+        weights = {n: self.loader.weight(f"{self.path}.{n}", pooled=True) for n in self.group.weight_names}
         args, kwargs, cache = split_cache(args, kwargs, self.layer)
         output = call_block(
             lambda *a, **k: torch.func.functional_call(self.block, weights, a, k), args, kwargs
         )
-        self.loader.release(t for t in weights.values() if t.is_floating_point())
+        self.loader.release(
+            t for t in weights.values() if type(t) is not _StreamedWeight and t.is_floating_point()
+        )
         if self.record is not None:
             self.record[self.path] = (_flat_numpy((args, kwargs)), _flat_numpy(output))
         return merge_cache(output, cache, self.layer)
@@ -238,7 +384,7 @@ class StreamedReference:
             if not any(name.startswith(h + ".") for h in holes):
                 canonical = plan.entry(name).name
                 if canonical not in loaded:
-                    loaded[canonical] = loader.load(canonical)
+                    loaded[canonical] = loader.weight(canonical)
                 self.state[name] = loaded[canonical]
 
     def __call__(self, args: tuple, kwargs: dict):
@@ -248,15 +394,44 @@ class StreamedReference:
             return t.to(self.device, self.compute) if t.is_floating_point() else t.to(self.device)
 
         args, kwargs = pytree.tree_map_only(torch.Tensor, to_device, (args, kwargs))
-        with torch.no_grad(), export_state():
+        with torch.no_grad(), export_state(), _one_thread(self.device):
             return torch.func.functional_call(self.model, self.state, args, kwargs)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    """PyTorch on one CPU thread: streamed weights come in many small products, each a
+    parallel region whose threads wait on each other, and a core busy elsewhere (ONNX Runtime's
+    block checks run beside the reference) stalls every region; one thread never waits."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
     """Run the PyTorch model on `inputs`, streaming block weights; memory ~ trunk + one block."""
     reference = StreamedReference(plan, memory)
     output = reference(inputs.args, inputs.kwargs)
-    return ReferenceRun(_flat_numpy(output), reference.boundaries)
+    run = ReferenceRun(_flat_numpy(output), reference.boundaries)
+    del reference, output
+    release_freed_memory()
+    return run
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``). A forward's
+    many activations and an ONNX Runtime session's buffers are freed into the heap, which glibc
+    keeps: 0.4 GB of the coordinator's 0.8 GB after the 6.7B reference run was such free heap."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own libc (no lookup: that forks)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 # --- ONNX side -----------------------------------------------------------------------------
@@ -289,14 +464,25 @@ def _promote_value(value: ir.Value) -> None:
         value.dtype = ir.DataType.FLOAT
 
 
-def session(model: str | bytes, weights_dir: str | None = None):
+def session(model: str | bytes, weights_dir: str | None = None, *, basic: bool = False):
     """An ONNX Runtime session on a model file, or on model bytes whose external data ONNX
     Runtime resolves itself, relative to `weights_dir` (with its own checks: no absolute path,
-    nothing outside the directory, offsets inside the file)."""
+    nothing outside the directory, offsets inside the file). `basic`: only ONNX Runtime's basic
+    graph optimizations (constant folding, no fusions): a session run once opens faster.
+
+    Threads: as many as the Ray task was given (Ray sets ``OMP_NUM_THREADS`` in its workers),
+    not spinning while idle: the checks share the cores with the PyTorch reference, and a
+    spinning or oversubscribed pool stalls both."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:
+        options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if basic:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     # Prepacking copies every MatMul weight into new buffers: twice the model in memory.
     options.add_session_config_entry("session.disable_prepacking", "1")
     if weights_dir is not None:
@@ -538,6 +724,7 @@ class _SegmentedRunner:
                     if given is not None and tuple(env[output].shape) != given:
                         raise _NeedsStepOrder(f"{output} has shape {env[output].shape}, declared {given}")
             del sess  # its weights go before the next segment's come
+            release_freed_memory()
             later = {n for s in self.segments[index + 1 :] for n in s.input_names}
             for t, env in enumerate(envs):
                 keep = later | set(steps[t].outputs or self.output_names)
@@ -719,20 +906,28 @@ def verify_block_group(
         names = [plan.entry(f"{path}.{n}").name for n in group.weight_names]
         model = _bind_weights(check_model, data_inputs, [saved[n] for n in names])
         try:
-            sess = session(model, output_dir)
-            feeds = {
-                meta.name: value.astype(numpy_dtype(meta.type), copy=False)
-                for meta, value in zip(sess.get_inputs(), data)
-            }
-            actual = sess.run(None, feeds)
+            actual = _run_once(model, data, output_dir)
         except Exception as e:  # ONNX Runtime's errors are plain Exceptions
             results.append(runtime_failure(f"block {path}", e, atol, rtol))
             continue
+        finally:
+            release_freed_memory()
         checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
         worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
         results.append(worst)
         logger.info("verified block %s: max abs diff %.3g", path, worst.max_abs_diff)
     return results
+
+
+def _run_once(model: bytes, data: list[np.ndarray], output_dir: str) -> list[np.ndarray]:
+    """One run of a block check's session, which is gone on return: the next member's session
+    opens without this one's weights still held."""
+    sess = session(model, output_dir, basic=True)
+    feeds = {
+        meta.name: value.astype(numpy_dtype(meta.type), copy=False)
+        for meta, value in zip(sess.get_inputs(), data)
+    }
+    return sess.run(None, feeds)
 
 
 def _saved_initializers(path: str) -> dict[str, onnx.TensorProto]:

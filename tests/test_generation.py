@@ -196,3 +196,49 @@ def test_state_space_state_is_the_cache(tmp_path, family):
     actual = greedy_onnx(out / "model.onnx", ids, mask, 16)
     assert same_greedy_tokens(actual, expected), (actual.tolist(), expected)
     assert sum(map(len, expected)) >= 16 and all(len(set(row)) > 2 for row in expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_streamed_weights_give_the_loaded_reference(tmp_path, monkeypatch, family):
+    """The CPU reference streams its large 2-D weights (rows read where F.linear/F.embedding use
+    them, a chunk at a time; any other use, GPT-2's Conv1D addmm, loads the weight): outputs,
+    block boundaries and greedy tokens equal those of loaded weights. Tied embeddings included."""
+    from shardex import _verify
+    from shardex._generation import reference_generation
+    from shardex._plan import make_plan
+    from shardex._source import resolve_source
+    from shardex._tasks import TEXT_GENERATION_WITH_PAST
+
+    model = build(family).to(torch.bfloat16)
+    if family == "llama":
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    plan, memory = make_plan(
+        resolve_source(save_hf(model, tmp_path / "ckpt")),
+        **dict(dtype=None, args=None, kwargs=None, dynamic_shapes=None, block_pattern=None),
+        **dict(max_shard_size=1 << 30, opset=None, task=TEXT_GENERATION_WITH_PAST),
+    )
+    inputs = plan.example.resized()
+
+    def reference(stream: bool):
+        monkeypatch.setattr(_verify, "STREAM_MIN_BYTES", 0 if stream else 1 << 60)
+        monkeypatch.setattr(_verify, "STREAM_CHUNK_BYTES", 3000)  # several chunks per weight
+        run = _verify.reference_run(plan, memory, inputs)
+        return run, reference_generation(plan, memory, 4)
+
+    rows = []
+    monkeypatch.setattr(
+        _verify._WeightLoader,
+        "_rows",
+        lambda *a, _rows=_verify._WeightLoader._rows: rows.append(a[2]) or _rows(*a),
+    )
+    loaded, loaded_tokens = reference(stream=False)
+    assert not rows
+    streamed, streamed_tokens = reference(stream=True)
+    assert rows  # weights were streamed
+    np.testing.assert_array_equal(streamed_tokens.tokens, loaded_tokens.tokens)
+    for a, b in zip(streamed.outputs, loaded.outputs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for path, (inputs_, outputs) in loaded.boundaries.items():
+        for a, b in zip([*streamed.boundaries[path][0], *streamed.boundaries[path][1]], [*inputs_, *outputs]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
