@@ -263,8 +263,8 @@ def verify_seq2seq_generation(
     start = np.full(
         (next(iter(encoder_inputs.values())).shape[0], 1), _decoder_start(plans["decoder"]), np.int64
     )
-    mask = {k: v for k, v in encoder_inputs.items() if k == "attention_mask"}
-    cross_mask = {"encoder_attention_mask": mask["attention_mask"]} if mask else {}
+    mask = encoder_inputs.get("attention_mask")
+    cross_mask = {} if mask is None else {"encoder_attention_mask": mask}
     reference = _seq2seq_reference(plans, memory, encoder_inputs, start, cross_mask, new_tokens)
 
     def runner(component: str) -> SavedModelRunner:
@@ -279,7 +279,7 @@ def verify_seq2seq_generation(
             for name, value in first.items()
             if name.startswith("present.")
         }
-        own = {name: name.replace("past_key_values.", "present.", 1) for name in cross if ".decoder." in name}
+        own = {name: present_name(name) for name in cross if ".decoder." in name}
         steps = [
             Step(
                 {"input_ids": reference.tokens[:, step - 1 : step]}

@@ -23,6 +23,7 @@ exports its recurrent state the same way, as `LayerState` (see `_state_cache`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import sys
 from collections.abc import Callable
@@ -161,6 +162,12 @@ def _block_encoder_decoder_cache(kv: CrossLayerKV):
     """One decoder layer's `CrossLayerKV` as the `EncoderDecoderCache` its attention expects
     (T5, BART, Whisper test ``isinstance``): the two caches and ``is_updated`` hold that layer
     under any index; cross-attention is "updated" when its keys and values were given."""
+    return _block_encoder_decoder_cache_class()(kv)
+
+
+@functools.cache
+def _block_encoder_decoder_cache_class() -> type:
+    """The class of `_block_encoder_decoder_cache`, made once (transformers imported lazily)."""
     from transformers.cache_utils import EncoderDecoderCache
 
     class BlockEncoderDecoderCache(EncoderDecoderCache):
@@ -180,7 +187,7 @@ def _block_encoder_decoder_cache(kv: CrossLayerKV):
             cross = None if self.given_cross else self.cross_attention_cache.present
             return CrossLayerKV(self.self_attention_cache.current, cross)
 
-    return BlockEncoderDecoderCache(kv)
+    return BlockEncoderDecoderCache
 
 
 def is_model_cache(value: Any) -> bool:
@@ -298,6 +305,12 @@ def _export_layer(key: torch.Tensor, value: torch.Tensor):
     """A transformers `DynamicLayer` holding `key` and `value` as they are; its length comes
     from the tensor shape (`DynamicLayer` also tests ``numel() == 0``, which would pin the
     symbolic past length under export)."""
+    return _export_layer_class()(key, value)
+
+
+@functools.cache
+def _export_layer_class() -> type:
+    """The class of `_export_layer`, made once (transformers imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class ExportLayer(DynamicLayer):
@@ -310,7 +323,7 @@ def _export_layer(key: torch.Tensor, value: torch.Tensor):
         def get_seq_length(self) -> int:
             return self.keys.shape[-2]
 
-    return ExportLayer(key, value)
+    return ExportLayer
 
 
 def export_cache(past: tuple[dict[str, torch.Tensor], ...]):
