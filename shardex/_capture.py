@@ -30,6 +30,7 @@ from torch.utils import _pytree as pytree
 from shardex import _hf_export
 from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
+from shardex._export_shortcuts import shortcuts
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec
 from shardex._source import named_tensors
@@ -357,7 +358,7 @@ def _export(piece, model, args, kwargs, dynamic_shapes, opset, translations) -> 
     """torch.onnx's dynamo export of one piece, with what transformers' exporter knows
     (`_hf_export`: patches, FX fixes, translations, IR fixes)."""
     try:
-        with warnings.catch_warnings(), _hf_export.export_patches(), capture_patches():
+        with warnings.catch_warnings(), _hf_export.export_patches(), capture_patches(), shortcuts():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 model,

@@ -60,6 +60,11 @@ from shardex._weights import ShardResult, link_shard, write_shard
 logger = logging.getLogger("shardex")
 
 WRITER_NICENESS = 10  # writer threads yield the CPU to captures by this much
+RAY_START_NICENESS = 10  # a local Ray starting while this process captures: the captures go first
+# A local Ray takes ~6 s to start and a fresh worker ~2.5 s more for its first capture on 2
+# cores, where a capture here takes 1.5-4 s warm: a trunk and one distinct block (most decoders)
+# are captured here alone, no Ray started for them (BENCHMARKS.md, "Who captures").
+CAPTURES_HERE_ALONE = 2
 MAX_WRITER_THREADS = 16  # a 16-core node's disk is saturated by 8-16 writers (BENCHMARKS.md)
 
 
@@ -162,8 +167,8 @@ def export(
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
         ):
-            if verify or cache is None:
-                ray.start_soon()  # needed for sure: starts while we plan
+            if verify:
+                ray.start_soon(nice=RAY_START_NICENESS)  # needed for sure: starts while we plan
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
                 explicit = args is not None or kwargs is not None
@@ -609,24 +614,36 @@ def _capture_and_stream(
     threads = min(IO_TASKS_PER_SLOT * (workers or os.cpu_count() or 1), MAX_WRITER_THREADS)
     # While pieces are captured, the captures are the critical path: the writers (hashing) yield.
     nice = WRITER_NICENESS if captures else 0
-    with _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local:
+    with (
+        _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local,
+        _CapturesHere(captures if not ray.joins else [], finished) as here,
+    ):
         for task in local_tasks:
             local.submit(task)
-        if captures:
+        # Ray takes captures too when there are more than this process does faster alone.
+        shared = len(captures) > CAPTURES_HERE_ALONE
+        if shared:
+            ray.start_soon(nice=RAY_START_NICENESS)
+            while here.pending() and not ray.wait_up(0.05):
+                pass
+        remote_captures = captures if ray.joins or (shared and here.pending()) else []
+        if remote_captures:
             ray.ensure()  # the shards are being written meanwhile
-        remote_tasks = captures + (writes if remote else [])
+        remote_tasks = remote_captures + (writes if remote else [])
         results = (
             _ray.run_tasks(
                 remote_tasks,
                 max_in_flight=workers,
                 on_done=lambda task, result: finished(result),
                 cpus_per_task=cpus_per_task,
+                claim=here.claim if remote_captures and not ray.joins else None,
             )
             if remote_tasks
             else []
         )
+        captured = here.merged(results[: len(remote_captures)]) if not ray.joins else results[: len(captures)]
         local_results = local.results()
-    for (i, name), piece in zip(owners, results[: len(captures)]):
+    for (i, name), piece in zip(owners, captured):
         pieces[i][name] = piece
         if keys[i] is not None:
             cache.put(keys[i][name], piece)
@@ -638,7 +655,7 @@ def _capture_and_stream(
         )
         for i, p in enumerate(plans)
     ]
-    shard_results = dict(done) | {r.file: r for r in [*results[len(captures) :], *local_results]}
+    shard_results = dict(done) | {r.file: r for r in [*results[len(remote_captures) :], *local_results]}
     return programs, [shard_results[s.file] for s in plan.shards]
 
 
@@ -656,24 +673,13 @@ def _cache_account(cache, keys: dict[str, str] | None, captured: set[str], plan:
     }
 
 
-def _lower_priority(nice: int) -> None:
-    """Lower this thread's CPU priority by `nice` (Linux keeps a nice value per thread)."""
-    if nice:
-        try:
-            os.setpriority(
-                os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice
-            )
-        except OSError:  # not allowed here: the threads run at the coordinator's priority
-            pass
-
-
 class _LocalWork:
     """Tasks run by threads of this process, recorded in the timeline like Ray tasks (on the
     coordinator's row); `on_done` gets each result as it finishes, in the finishing thread."""
 
     def __init__(self, threads: int, on_done, nice: int = 0) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="shardex-local", initializer=_lower_priority, initargs=(nice,)
+            threads, thread_name_prefix="shardex-local", initializer=_ray.lower_thread_priority, initargs=(nice,)
         )
         self.on_done = on_done
         self.sinks = _ray.active_recordings()
@@ -713,6 +719,67 @@ class _LocalWork:
         if self.callback_errors:
             raise self.callback_errors[0]
         return results
+
+
+class _CapturesHere:
+    """Captures this process runs itself, one after another, while a local Ray starts: the
+    coordinator has torch, torch.onnx and the model's code imported and warm, where a fresh Ray
+    worker first spends seconds starting and importing them. Each capture is taken once, by the
+    next free hand: this thread, or Ray through `claim` once a worker slot is free (see
+    DESIGN.md, "Who captures")."""
+
+    def __init__(self, tasks: list[_ray.Task], on_done) -> None:
+        self.tasks = tasks
+        self.on_done = on_done
+        self.results: list = [None] * len(tasks)
+        self.free = list(range(len(tasks)))
+        self.lock = threading.Lock()
+        self.sinks = _ray.active_recordings()
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardex-capture")
+        self.future = self.pool.submit(self._run) if tasks else None
+
+    def __enter__(self) -> _CapturesHere:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self.lock:
+            self.free.clear()  # an export that failed elsewhere starts no further capture here
+        self.pool.shutdown(wait=True)
+
+    def pending(self) -> bool:
+        """Whether a capture is still untaken."""
+        with self.lock:
+            return bool(self.free)
+
+    def claim(self, index: int) -> bool:
+        """Take capture `index` for Ray, unless this thread took it already."""
+        with self.lock:
+            if index in self.free:
+                self.free.remove(index)
+                return True
+            return False
+
+    def merged(self, remote: list) -> list:
+        """Every capture's piece, from here or from Ray (`remote`: None where this thread took
+        it); a capture that failed here raises."""
+        if self.future is not None:
+            self.future.result()
+        remote = remote or [None] * len(self.results)
+        return [mine if mine is not None else theirs for mine, theirs in zip(self.results, remote)]
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                if not self.free:
+                    return
+                index = self.free.pop(0)
+            task = self.tasks[index]
+            start = time.time()
+            self.results[index] = task.fn(*task.args)
+            record = coordinator_record(task.label, start, time.time())
+            for sink in self.sinks:
+                sink.append(record)
+            self.on_done(self.results[index])
 
 
 class _Progress:

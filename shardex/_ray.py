@@ -117,14 +117,18 @@ class RaySession:
         """Whether this session uses a Ray it did not start (a cluster, or one already up)."""
         return self.existing or self.address is not None
 
-    def start_soon(self) -> None:
+    def start_soon(self, nice: int = 0) -> None:
         """Start Ray in a background thread (Ray's start is mostly waiting on its daemons), so
         the coordinator can plan meanwhile; `ensure` waits for it. The thread lives until
         `close`: Ray's daemons are started with a parent-death signal, which Linux sends when
-        the *thread* that started them ends."""
+        the *thread* that started them ends. A local Ray started with `nice` runs its daemons
+        and workers that much lower in priority than this process (they inherit the thread's):
+        on a few cores, the coordinator's own work then keeps its CPU while Ray starts."""
         if self.started or self._thread is not None:
             return
-        self._thread = threading.Thread(target=self._start_and_hold, name="shardex-ray", daemon=True)
+        self._thread = threading.Thread(
+            target=self._start_and_hold, args=(nice if self.address is None else 0,), name="shardex-ray", daemon=True
+        )
         self._thread.start()
 
     def ensure(self) -> None:
@@ -135,6 +139,13 @@ class RaySession:
                 raise self._error
         if not self.started:
             self._start()
+
+    def wait_up(self, timeout: float) -> bool:
+        """Whether Ray is up (or its background start failed: `ensure` raises that), waiting at
+        most `timeout` seconds for a start in progress."""
+        if self._thread is not None:
+            return self._up.wait(timeout)
+        return self.started
 
     def spans_other_machines(self) -> bool:
         """Whether work placed on Ray may run on another machine than this one: a Ray that is
@@ -159,7 +170,8 @@ class RaySession:
             self._thread.join()
             self._thread = None
 
-    def _start_and_hold(self) -> None:
+    def _start_and_hold(self, nice: int) -> None:
+        lower_thread_priority(nice)
         try:
             self._start()
         except BaseException as e:  # re-raised by ensure() in the coordinator's thread
@@ -199,6 +211,18 @@ class RaySession:
         )
         if self.on_start is not None:
             self.on_start()
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Lower this thread's CPU priority by `nice` (Linux keeps a nice value per thread, and a
+    process it starts inherits it)."""
+    if nice:
+        try:
+            os.setpriority(
+                os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice
+            )
+        except OSError:  # not allowed here: the thread keeps the coordinator's priority
+            pass
 
 
 @contextlib.contextmanager
@@ -305,13 +329,16 @@ def run_tasks(
     max_in_flight: int | None,
     on_done: Callable[[Task, Any], None] | None = None,
     cpus_per_task: float = 1,
+    claim: Callable[[int], bool] | None = None,
 ) -> list:
     """Run `tasks` as Ray tasks spread over the nodes (see `_cluster.Placer`): at most
     `max_in_flight` CPU tasks, each holding `cpus_per_task` CPUs, and as many I/O tasks at once
     (default: every slot of the cluster, ``CPUs // cpus_per_task`` per node). Results in task
     order; each task's `TaskRecord` goes to the enclosing `recording()` blocks. A stage error
     raised on a worker is re-raised here as itself; a task whose worker dies is retried by Ray,
-    on another node if its node is gone."""
+    on another node if its node is gone. With `claim`, a task is sent only once a slot is free
+    for it and `claim(index)` agrees (someone else may have taken it meanwhile: its result
+    stays None)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -326,6 +353,10 @@ def run_tasks(
                 node = placer.take(task.io_bound)
                 if node is None:
                     continue
+                if claim is not None and not claim(index):
+                    placer.release(node, task.io_bound)
+                    queue.remove((index, task))
+                    continue
                 cpus = 0 if task.io_bound else cpus_per_task
                 gpus = placer.gpus_for(node) if task.gpu else 0
                 ref = traced.options(
@@ -336,6 +367,8 @@ def run_tasks(
                 ).remote(task.label, cpus, gpus, task.fn, *task.args)
                 pending[ref] = (index, node)
                 queue.remove((index, task))
+            if not pending:
+                continue
             done, _ = ray.wait(list(pending), num_returns=1)
             index, node = pending.pop(done[0])
             placer.release(node, tasks[index].io_bound)

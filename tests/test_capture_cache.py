@@ -138,8 +138,9 @@ def test_truncated_entry_is_a_miss_and_removed(tmp_path):
 
 
 def test_fully_cached_unverified_export_starts_no_ray(tmp_path):
-    """Every piece cached and no verification: no Ray at all, the shards written by the
-    coordinator's threads."""
+    """A trunk and one distinct block are captured by the coordinator itself, and every piece
+    cached with no verification needs no capture at all: no Ray either time, the shards written
+    by the coordinator's threads."""
     cache = tmp_path / "cache"
     checkpoint = fine_tune(tmp_path / "ckpt", seed=0)
     script = (
@@ -160,6 +161,7 @@ def test_fully_cached_unverified_export_starts_no_ray(tmp_path):
     assert done.stdout.split() == ["False", "False"]
     first, second = (shardex.load_manifest(out) for out in outs)
     assert [n["node_id"] for n in second["placement"]] == ["coordinator"]
-    assert {n["node_id"] for n in first["placement"]} > {"coordinator"}  # captured on Ray
+    assert [n["node_id"] for n in first["placement"]] == ["coordinator"]
+    assert len(first["capture_cache"]["misses"]) == 2  # captured here: the trunk and the block
     assert second["capture_cache"]["misses"] == []
     assert output_digests(outs[0]) == output_digests(outs[1])

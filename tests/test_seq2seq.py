@@ -11,8 +11,11 @@ transformers' default, so that greedy decoding picks varied tokens rather than o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -124,6 +127,32 @@ def test_files_share_one_set_of_shards(exported):
     assert not any(".encoder." in n for n in outputs["decoder_with_past_model.onnx"])
     with open(out / "manifest.json") as f:
         assert "config.json" in json.load(f)["runtime_files"]
+
+
+def test_captures_shared_by_the_coordinator_and_its_local_ray_give_the_same_files(exported, tmp_path):
+    """With no Ray running, the coordinator captures pieces itself while the local Ray it starts
+    takes the rest (an encoder-decoder has more pieces than the coordinator captures alone);
+    the files are byte for byte those of the fixture's export, captured on Ray workers only."""
+    _, ckpt, out, _, _ = exported
+    other = tmp_path / "onnx"
+    script = "import sys, shardex\nshardex.export(sys.argv[1], sys.argv[2], verify=False)\n"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, os.fspath(ckpt), os.fspath(other)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    captures = {n["node_id"]: n["stages"].get("capture", 0) for n in shardex.load_manifest(other)["placement"]}
+    assert captures.pop("coordinator") >= 1 and sum(captures.values()) >= 1, captures
+
+    def digests(directory):
+        names = sorted(n for n in os.listdir(directory) if n.endswith((".onnx", ".data")))
+        return {n: hashlib.sha256((directory / n).read_bytes()).hexdigest() for n in names}
+
+    assert digests(other) == digests(out)
 
 
 def test_verification_decodes_greedily_through_the_three_files(exported):
