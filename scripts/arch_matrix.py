@@ -389,6 +389,7 @@ def load_results(path: str) -> dict[str, Any]:
 
 
 def save_results(results: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
 from shardex._export_shortcuts import shortcuts
 from shardex._patches import SHAPES_ONLY, capture_patches
-from shardex._plan import CallSignature, Plan, TensorSpec
+from shardex._plan import CallSignature, Plan, TensorSpec, export_state
 from shardex._source import named_tensors
 from shardex._state_cache import is_state_layer, layer_state
 from shardex._tasks import (
@@ -89,7 +91,10 @@ def _hole_fake(inputs: list[torch.Tensor], key: str) -> list[torch.Tensor]:
         # are fake too, as the trace's own are.
         shapes_only = SHAPES_ONLY.set(True)
         try:
-            with detect_fake_mode(inputs) or contextlib.nullcontext():
+            # In torch.export's state even when a pass after the trace (torch.onnx's type
+            # promotion) runs the op again: model code branches on it (transformers' MoE experts
+            # pick a CPU-bf16-only kernel outside it).
+            with detect_fake_mode(inputs) or contextlib.nullcontext(), export_state():
                 params = {
                     n: torch.empty(t.shape, dtype=t.dtype, device=device) for n, t in named_tensors(block)
                 }
@@ -242,6 +247,21 @@ def warm_up(source_kind: str) -> None:
         import transformers  # noqa: F401
 
 
+# A capture patches module state (torch.onnx's passes, transformers' and shardex's patches, the
+# hole registry): captures in one process run one at a time, whichever thread asks.
+_ONE_AT_A_TIME = threading.Lock()
+
+
+def _one_at_a_time(capture):
+    @functools.wraps(capture)
+    def serialized(*args):
+        with _ONE_AT_A_TIME:
+            return capture(*args)
+
+    return serialized
+
+
+@_one_at_a_time
 def capture_trunk(plan: Plan) -> CapturedPiece:
     """Capture the model with every block replaced by a hole node."""
     start = time.perf_counter()
@@ -290,6 +310,7 @@ class _FlatBlock(nn.Module):
         return tuple(x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor))
 
 
+@_one_at_a_time
 def capture_block(plan: Plan, group_id: int) -> CapturedPiece:
     """Capture one distinct block (the group's first member) as a standalone weightless graph."""
     start = time.perf_counter()

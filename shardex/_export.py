@@ -113,7 +113,9 @@ def export(
     `runtime` chooses the ops: ``"onnxruntime"`` (default) rewrites each distinct piece once into
     ONNX Runtime's fused ops for its CPU provider, ``"onnxruntime-cuda"`` for its CUDA provider,
     ``"onnx"`` keeps standard ONNX ops only. Work runs on Ray: the cluster at `address` or
-    ``RAY_ADDRESS``, else a local Ray started and stopped here: at most `workers` tasks at once,
+    ``RAY_ADDRESS`` (``"local"``: a local Ray used as one), else this machine, where this
+    process captures and checks the pieces itself and starts a local Ray only when there are
+    more pieces than it captures faster alone (stopped at the end): at most `workers` tasks at once,
     each holding `cpus_per_task` CPUs, spread over the nodes; `runtime_env` goes to Ray for the
     workers of a joined cluster (e.g. ``{"pip": [...]}``). On a cluster every node must see
     `output_dir` (a shared filesystem), which is checked before any work; see cluster/README.md.
@@ -167,8 +169,6 @@ def export(
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
         ):
-            if verify:
-                ray.start_soon(nice=RAY_START_NICENESS)  # needed for sure: starts while we plan
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
                 explicit = args is not None or kwargs is not None
@@ -195,8 +195,7 @@ def export(
                 runtime_files = _write_runtime_layout(plan, out, model)
             report = None
             if verify:
-                with _stage(timings, "verify"):
-                    ray.ensure()
+                with _stage(timings, "verify"), ray.checks():
                     report = _verify_programs(
                         [(p.plan, p.memory, p.checked) for p in programs],
                         out,
@@ -456,8 +455,9 @@ def verify(
     clock = time.perf_counter()
     hashes = _output.shard_hashes(out, manifest["shards"])  # in background threads, meanwhile
     try:
-        with _ray.ray_session(address, runtime_env=runtime_env) as ray:
-            _ray.check_output_visible(out, readable=plans[0][0].source.files)
+        with _ray.ray_session(address, runtime_env=runtime_env, lazy=True) as ray:
+            if ray.joins:
+                _ray.check_output_visible(out, readable=plans[0][0].source.files)
             if options["inline"]:
                 # Block checks call the block functions, which the flat graph no longer has: rebuild
                 # them (cheap, weightless captures). The global check runs the flat graph as saved.
@@ -477,7 +477,8 @@ def verify(
                 checked = [ir.load(os.path.join(out, plan.model_file)) for plan, _ in plans]
             programs = [(plan, memory, model) for (plan, memory), model in zip(plans, checked)]
             new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
-            report = _verify_programs(programs, out, atol, rtol, workers, cpus_per_task, new_tokens)
+            with ray.checks():
+                report = _verify_programs(programs, out, atol, rtol, workers, cpus_per_task, new_tokens)
         report.shard_hash_mismatches = [
             s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
         ]
@@ -557,9 +558,11 @@ def _capture_and_stream(
     cache: _capture_cache.CaptureCache | None = None,
 ):
     """Capture the pieces of every plan (the programs of one export: one, or an encoder-decoder's
-    three, all on the first plan's shards) that the capture cache lacks, on Ray, all at once,
-    while the first plan's shards are written. Returns ``[(trunk, blocks by group id, the
-    cache's account)]`` per plan and the shard results in plan order.
+    three, all on the first plan's shards) that the capture cache lacks, all at once, while the
+    first plan's shards are written: on a joined cluster by its workers; on a local Ray by this
+    process, with Ray's workers taking a share when there are more than `CAPTURES_HERE_ALONE`
+    (`_CapturesHere`). Returns ``[(trunk, blocks by group id, the cache's account)]`` per plan
+    and the shard results in plan order.
 
     Shards are written by threads of this process when every Ray worker would be on this
     machine anyway (kernel copies, hashing and fsync release the GIL; no worker process, no

@@ -26,6 +26,7 @@ from shardex._cluster import (
     NodeInfo,
     Placer,
     TaskRecord,
+    coordinator_record,
     marker_file,
     package_versions,
     probe_error,
@@ -35,12 +36,16 @@ from shardex._errors import OptionsError, ShardexError
 
 logger = logging.getLogger("shardex")
 
+LOCAL = "local"  # `address`: start a local Ray and run every stage on its workers
 TASK_RETRIES = 2  # a task whose worker process dies is rerun this many times
 DEFAULT_TOKEN_PATH = "~/.ray/auth_token"
 TOKEN_PLACES = (
     "the cluster's token in RAY_AUTH_TOKEN, or in a file named by RAY_AUTH_TOKEN_PATH "
     f"(default {DEFAULT_TOKEN_PATH})"
 )
+
+# Set inside `RaySession.checks()` on a machine of its own: `run_tasks` runs tasks here.
+_RUN_HERE: contextvars.ContextVar[bool] = contextvars.ContextVar("shardex_run_here", default=False)
 
 # The lists `recording()` blocks collect into, innermost last.
 _RECORDINGS: contextvars.ContextVar[tuple[list[TaskRecord], ...]] = contextvars.ContextVar(
@@ -114,7 +119,10 @@ class RaySession:
 
     @property
     def joins(self) -> bool:
-        """Whether this session uses a Ray it did not start (a cluster, or one already up)."""
+        """Whether every stage runs on Ray's workers: a Ray this session did not start (a
+        cluster, or one already up), or ``address="local"``, a local Ray used as a cluster is.
+        Otherwise the coordinator does the work a local Ray would only slow down (see
+        `_CapturesHere`, `checks`)."""
         return self.existing or self.address is not None
 
     def start_soon(self, nice: int = 0) -> None:
@@ -146,6 +154,22 @@ class RaySession:
         if self._thread is not None:
             return self._up.wait(timeout)
         return self.started
+
+    @contextlib.contextmanager
+    def checks(self) -> Iterator[None]:
+        """Where verification's tasks run: a joined cluster's workers (one block group's members
+        spread over its nodes); on this machine alone, this process's threads, the same tasks
+        in the same order. Locally a worker would only add Ray's start and its own imports (~6 s
+        and ~0.4 GB on 2 cores) to checks this process runs as well; see DESIGN.md, Verify."""
+        if self.joins:
+            self.ensure()
+            yield
+            return
+        token = _RUN_HERE.set(True)
+        try:
+            yield
+        finally:
+            _RUN_HERE.reset(token)
 
     def spans_other_machines(self) -> bool:
         """Whether work placed on Ray may run on another machine than this one: a Ray that is
@@ -189,7 +213,7 @@ class RaySession:
             "logging_level": logging.ERROR,  # Ray's own start-up warnings are not the user's business
             "log_to_driver": False,
         }
-        if self.address is None:
+        if self.address in (None, LOCAL):
             kwargs["num_cpus"] = self.num_cpus or os.cpu_count()
             kwargs["runtime_env"] = _local_runtime_env(self.runtime_env)
         elif self.runtime_env:
@@ -203,7 +227,7 @@ class RaySession:
         resources = ray.cluster_resources()
         logger.info(
             "Ray %s in %.1fs: %d node(s), %g CPUs, %g GPUs",
-            f"joined at {self.address}" if self.address else "started locally",
+            f"joined at {self.address}" if self.address not in (None, LOCAL) else "started locally",
             time.perf_counter() - start,
             len(_nodes()),
             resources.get("CPU", 0),
@@ -338,7 +362,10 @@ def run_tasks(
     raised on a worker is re-raised here as itself; a task whose worker dies is retried by Ray,
     on another node if its node is gone. With `claim`, a task is sent only once a slot is free
     for it and `claim(index)` agrees (someone else may have taken it meanwhile: its result
-    stays None)."""
+    stays None). Inside `RaySession.checks()` on a local machine, the tasks run one after
+    another in the calling thread instead, recorded on the coordinator's row."""
+    if _RUN_HERE.get():
+        return _run_here(tasks, on_done)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -380,6 +407,19 @@ def run_tasks(
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
+    return results
+
+
+def _run_here(tasks: list[Task], on_done: Callable[[Task, Any], None] | None) -> list:
+    results = []
+    for task in tasks:
+        start = time.time()
+        results.append(task.fn(*task.args))
+        record = coordinator_record(task.label, start, time.time())
+        for records in _RECORDINGS.get():
+            records.append(record)
+        if on_done:
+            on_done(task, results[-1])
     return results
 
 
@@ -441,7 +481,9 @@ def _first_line(error: BaseException) -> str:
 
 
 def node_count() -> int:
-    """How many alive nodes offer CPUs."""
+    """How many alive nodes offer CPUs (this machine alone inside a local `RaySession.checks()`)."""
+    if _RUN_HERE.get():
+        return 1
     return sum(1 for n in _nodes() if n.cpus > 0)
 
 

@@ -59,8 +59,9 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Ray")
     group.add_argument(
         "--address",
-        help="Ray cluster to run on, e.g. --address ray://head:10001 or auto (default: RAY_ADDRESS, "
-        "else a local Ray started for this command and stopped after)",
+        help="Ray cluster to run on, e.g. --address ray://head:10001 or auto; local starts a local Ray "
+        "whose workers run every stage, as a cluster's would (default: RAY_ADDRESS, else this machine: "
+        "the command does small work itself and starts a local Ray only for more, stopped after)",
     )
     group.add_argument(
         "--workers",
