@@ -63,15 +63,7 @@ def shortcuts() -> Iterator[None]:
             return original_registry.__func__(cls, opset_version, **kwargs)
         key = opset_version
         if key not in _REGISTRIES:
-            # Its notes on torchlib functions it cannot fully register (torchvision ops,
-            # signatures) are torch.onnx's own business: the same on every export.
-            quiet = logging.getLogger(_registration.__name__)
-            level = quiet.level
-            quiet.setLevel(logging.ERROR)
-            try:
-                _REGISTRIES[key] = original_registry.__func__(cls, opset_version)
-            finally:
-                quiet.setLevel(level)
+            _REGISTRIES[key] = original_registry.__func__(cls, opset_version)
         registry = cls()
         registry._opset_version = _REGISTRIES[key]._opset_version
         registry.functions = {op: list(metas) for op, metas in _REGISTRIES[key].functions.items()}
@@ -83,6 +75,12 @@ def shortcuts() -> Iterator[None]:
             return program
         return original_decompose(program, registry)
 
+    # The registry's notes on functions it cannot fully register (torchvision ops, signatures
+    # of transformers' translations) are torch.onnx's own business, the same on every export:
+    # not the user's terminal, now that the coordinator captures too.
+    notes = logging.getLogger(_registration.__name__)
+    level = notes.level
+    notes.setLevel(logging.ERROR)
     _registration.ONNXRegistry.from_torchlib = classmethod(cached_registry)
     _fx_passes.decompose_with_registry = decompose_if_needed
     try:
@@ -90,6 +88,7 @@ def shortcuts() -> Iterator[None]:
     finally:
         _registration.ONNXRegistry.from_torchlib = original_registry
         _fx_passes.decompose_with_registry = original_decompose
+        notes.setLevel(level)
 
 
 def _rename_trivial_decompositions(graph_module: torch.fx.GraphModule) -> None:

@@ -80,6 +80,20 @@ class BlockStack(nn.Module):
         return self.head(h)
 
 
+class SpectralBlock(ResidualBlock):
+    """A block with an op torch.onnx has no translation for (singular values): its capture fails."""
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return super().forward(x, scale) * torch.linalg.svdvals(x).sum(-1, keepdim=True).unsqueeze(-1)
+
+
+def make_spectral_stack() -> BlockStack:
+    """Factory used as "tests.models:make_spectral_stack": a stack of `SpectralBlock`s."""
+    model = BlockStack()
+    model.blocks = nn.ModuleList(SpectralBlock(32) for _ in model.blocks)
+    return model
+
+
 def make_block_stack() -> BlockStack:
     """Factory used as "tests.models:make_block_stack"."""
     return BlockStack()

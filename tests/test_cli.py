@@ -12,7 +12,8 @@ import shutil
 import sys
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests import models
 from tests.cli_support import FACTORY, FACTORY_INPUT, error_lines, shardex
@@ -76,6 +77,20 @@ def test_verify_then_inspect(llama_export):
     assert function["calls"] == ["model.layers.0", "model.layers.1"]
     assert function["weights"] == 9
     assert all(s["present"] and s["tensors"] > 0 for s in described["shards"])
+
+
+def test_a_piece_that_cannot_be_captured_fails_in_one_line(tmp_path):
+    """Captured by the command itself (one machine, no Ray): the failure is the stage's one
+    line, exit 3 (a capture failure), and nothing in the output that looks like an export."""
+    weights = tmp_path / "weights.safetensors"
+    torch.manual_seed(0)
+    save_file(models.make_spectral_stack().state_dict(), os.fspath(weights))
+    out = tmp_path / "out"
+    result = shardex("export", "tests.models:make_spectral_stack", out, "--weights", weights, *FACTORY_INPUT)
+    assert result.returncode == 3
+    lines = error_lines(result)
+    assert len(lines) == 1 and "capturing SpectralBlock failed" in lines[0], lines
+    assert not (out / "model.onnx").exists() and not (out / "manifest.json").exists()
 
 
 def test_corrupt_shard_fails_verification_with_exit_1(llama_export, tmp_path):
