@@ -25,7 +25,7 @@ from torch import nn
 from shardex import _capture_cache, _output, _ray
 from shardex._capture import CapturedPiece, capture_block, capture_trunk
 from shardex._capture import warm_up as warm_up_capture
-from shardex._cluster import IO_TASKS_PER_SLOT, coordinator_record, summarize_nodes, write_timeline
+from shardex._cluster import IO_TASKS_PER_SLOT, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
 from shardex._generation import reference_generation, verify_saved_model, verify_seq2seq_generation
@@ -619,17 +619,18 @@ def _capture_and_stream(
     nice = WRITER_NICENESS if captures else 0
     with (
         _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local,
-        _CapturesHere(captures if not ray.joins else [], finished) as here,
+        _CapturesHere(captures, finished, run=not ray.joins) as here,
     ):
         for task in local_tasks:
             local.submit(task)
-        # Ray takes captures too when there are more than this process does faster alone.
-        shared = len(captures) > CAPTURES_HERE_ALONE
-        if shared:
+        # Ray takes captures on a cluster, and here when there are more than this process
+        # captures faster alone.
+        shared = ray.joins or len(captures) > CAPTURES_HERE_ALONE
+        if shared and not ray.joins:
             ray.start_soon(nice=RAY_START_NICENESS)
             while here.pending() and not ray.wait_up(0.05):
                 pass
-        remote_captures = captures if ray.joins or (shared and here.pending()) else []
+        remote_captures = captures if shared and here.pending() else []
         if remote_captures:
             ray.ensure()  # the shards are being written meanwhile
         remote_tasks = remote_captures + (writes if remote else [])
@@ -639,12 +640,12 @@ def _capture_and_stream(
                 max_in_flight=workers,
                 on_done=lambda task, result: finished(result),
                 cpus_per_task=cpus_per_task,
-                claim=here.claim if remote_captures and not ray.joins else None,
+                claim=here.claim,
             )
             if remote_tasks
             else []
         )
-        captured = here.merged(results[: len(remote_captures)]) if not ray.joins else results[: len(captures)]
+        captured = here.merged(results[: len(remote_captures)])
         local_results = local.results()
     for (i, name), piece in zip(owners, captured):
         pieces[i][name] = piece
@@ -696,29 +697,21 @@ class _LocalWork:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def submit(self, task: _ray.Task) -> None:
-        def run():
-            start = time.time()
-            result = task.fn(*task.args)
-            return result, coordinator_record(task.label, start, time.time())
-
-        future = self.pool.submit(run)
+        future = self.pool.submit(_ray.run_recorded, task, self.sinks)
         future.add_done_callback(self._done)
         self.futures.append(future)
 
     def _done(self, future: concurrent.futures.Future) -> None:
         if future.cancelled() or future.exception() is not None:
             return
-        result, record = future.result()
-        for sink in self.sinks:
-            sink.append(record)
         try:
-            self.on_done(result)
+            self.on_done(future.result())
         except BaseException as e:  # e.g. the journal cannot be written: raised by results()
             self.callback_errors.append(e)
 
     def results(self) -> list:
         """Every task's result in submission order; the first failure is raised."""
-        results = [future.result()[0] for future in self.futures]
+        results = [future.result() for future in self.futures]
         if self.callback_errors:
             raise self.callback_errors[0]
         return results
@@ -731,7 +724,8 @@ class _CapturesHere:
     next free hand: this thread, or Ray through `claim` once a worker slot is free (see
     DESIGN.md, "Who captures")."""
 
-    def __init__(self, tasks: list[_ray.Task], on_done) -> None:
+    def __init__(self, tasks: list[_ray.Task], on_done, *, run: bool) -> None:
+        """`run`: whether this process captures at all (not on a cluster: all go to `claim`)."""
         self.tasks = tasks
         self.on_done = on_done
         self.results: list = [None] * len(tasks)
@@ -739,7 +733,7 @@ class _CapturesHere:
         self.lock = threading.Lock()
         self.sinks = _ray.active_recordings()
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardex-capture")
-        self.future = self.pool.submit(self._run) if tasks else None
+        self.future = self.pool.submit(self._run) if run and tasks else None
 
     def __enter__(self) -> _CapturesHere:
         return self
@@ -755,7 +749,10 @@ class _CapturesHere:
             return bool(self.free)
 
     def claim(self, index: int) -> bool:
-        """Take capture `index` for Ray, unless this thread took it already."""
+        """Take capture `index` for Ray, unless this thread took it already. Ray's task list
+        starts with the captures: a later index (a shard write) is not one of them."""
+        if index >= len(self.tasks):
+            return True
         with self.lock:
             if index in self.free:
                 self.free.remove(index)
@@ -776,12 +773,7 @@ class _CapturesHere:
                 if not self.free:
                     return
                 index = self.free.pop(0)
-            task = self.tasks[index]
-            start = time.time()
-            self.results[index] = task.fn(*task.args)
-            record = coordinator_record(task.label, start, time.time())
-            for sink in self.sinks:
-                sink.append(record)
+            self.results[index] = _ray.run_recorded(self.tasks[index], self.sinks)
             self.on_done(self.results[index])
 
 

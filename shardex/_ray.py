@@ -413,14 +413,21 @@ def run_tasks(
 def _run_here(tasks: list[Task], on_done: Callable[[Task, Any], None] | None) -> list:
     results = []
     for task in tasks:
-        start = time.time()
-        results.append(task.fn(*task.args))
-        record = coordinator_record(task.label, start, time.time())
-        for records in _RECORDINGS.get():
-            records.append(record)
+        results.append(run_recorded(task, _RECORDINGS.get()))
         if on_done:
             on_done(task, results[-1])
     return results
+
+
+def run_recorded(task: Task, sinks: Sequence[list[TaskRecord]]) -> Any:
+    """Run `task` in this thread; its record (on the coordinator's row) goes to `sinks` (the
+    `recording()` lists of the thread that handed the work out)."""
+    start = time.time()
+    result = task.fn(*task.args)
+    record = coordinator_record(task.label, start, time.time())
+    for records in sinks:
+        records.append(record)
+    return result
 
 
 def _traced(label: str, cpus: float, gpus: float, fn: Callable, *args) -> tuple[Any, TaskRecord]:
