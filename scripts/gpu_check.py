@@ -38,14 +38,13 @@ from shardex._plan import make_plan  # noqa: E402
 from shardex._source import resolve_source  # noqa: E402
 from shardex._stitch import stitch  # noqa: E402
 from shardex._verify import (  # noqa: E402
-    block_check_model,
+    Step,
     compute_dtype,
     needs_promotion,
     providers,
     reference_device,
     reference_run,
     tolerances,
-    verify_block_group,
 )
 from shardex._weights import write_shard  # noqa: E402
 
@@ -109,23 +108,23 @@ def pipeline(work: str) -> dict:
         name = str(dtype).removeprefix("torch.")
         ckpt = make_llama(os.path.join(work, f"ckpt-{name}"), layers=3, dtype=dtype)
         out = os.path.join(work, f"out-{name}")
-        plan, memory, model, _ = export_in_process(ckpt, out)
+        plan, memory, _, _ = export_in_process(ckpt, out)
         promote = needs_promotion(plan)
         atol, rtol = tolerances(compute_dtype(plan), None, None)
         inputs = plan.example.resized()
         reference = reference_run(plan, memory, inputs)
-        checks = {g.function_name: block_check_model(model, plan, g, promote) for g in plan.groups}
         generation_reference = reference_generation(plan, memory, 8)
-        outputs, generation = verify_saved_model(
-            plan, out, inputs, reference.outputs, generation_reference, atol, rtol, promote
+        outputs, generation, blocks = verify_saved_model(
+            plan,
+            out,
+            inputs,
+            reference.outputs,
+            generation_reference,
+            atol,
+            rtol,
+            promote,
+            reference.boundaries,
         )
-        blocks = [
-            c
-            for g in plan.groups
-            for c in verify_block_group(
-                checks[g.function_name], plan, g, reference.boundaries, out, atol, rtol
-            )
-        ]
         results[name] = {
             "passed": all(c.passed for c in outputs + blocks) and generation.passed,
             "outputs_max_abs_diff": max(c.max_abs_diff for c in outputs),
@@ -168,7 +167,8 @@ def native_low_precision(work: str) -> dict:
         }
         feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 16), np.int64)}
         feeds["position_ids"] = np.tile(np.arange(16), (2, 1))
-        promoted = runner.run({n: {**feeds, **past}[n] for n in runner.input_names})[0]
+        (promoted,) = runner.run_steps([Step({n: {**feeds, **past}[n] for n in runner.input_names})])
+        promoted = promoted["logits"]
         entry = {
             "torch_native_vs_float32_max_abs": float(np.abs(torch_native - exact).max()),
             "onnx_promoted_vs_float32_max_abs": float(np.abs(promoted - exact).max()),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -74,14 +73,6 @@ def onnx_type_name(elem_type: int) -> str:
     """An ONNX element type as shardex spells dtypes (``float32``); others by their ONNX name."""
     data_type = ir.DataType(elem_type)
     return next((d.name for d in DTYPES if d.onnx == data_type), data_type.name.lower())
-
-
-def numpy_dtype(onnx_type: str) -> np.dtype:
-    """The numpy dtype of an ONNX Runtime input type such as ``tensor(float)``."""
-    dtype = next((d.torch for d in DTYPES if d.onnx_type == onnx_type), None)
-    if dtype is None or dtype == torch.bfloat16:
-        raise TypeError(f"Bug: no numpy dtype for ONNX Runtime type {onnx_type}")
-    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:

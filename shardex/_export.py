@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnx_ir as ir
@@ -44,7 +44,7 @@ from shardex._stitch import inline_blocks, stitch
 from shardex._tasks import TEXT_GENERATION_WITH_PAST, check_runtime, check_task, components, uses_cache
 from shardex._verify import (
     VerificationReport,
-    block_check_model,
+    block_segments,
     compute_dtype,
     format_failure,
     needs_promotion,
@@ -65,6 +65,10 @@ RAY_START_NICENESS = 10  # a local Ray starting while this process captures: the
 # cores, where a capture here takes 1.5-4 s warm: a trunk and one distinct block (most decoders)
 # are captured here alone, no Ray started for them (BENCHMARKS.md, "Who captures").
 CAPTURES_HERE_ALONE = 2
+# Verification runs at the capture example's sizes grown by this along every dynamic axis:
+# other sizes exercise the dynamic axes as well as larger ones would, and the reference's and
+# ONNX Runtime's multi-token runs cost in proportion to the tokens (6.7B: 27 tokens, not 55).
+VERIFY_GROWTH = 1
 MAX_WRITER_THREADS = 16  # a 16-core node's disk is saturated by 8-16 writers (BENCHMARKS.md)
 
 
@@ -204,6 +208,7 @@ def export(
                         workers,
                         cpus_per_task,
                         verify_tokens,
+                        inline,
                     )
 
         timings["total"] = time.perf_counter() - started
@@ -340,15 +345,37 @@ def _merge_accounts(programs: list[_Program]) -> dict:
 
 
 def _verify_programs(
-    programs: list[tuple[Plan, dict, ir.Model]], out: str, atol, rtol, workers, cpus_per_task, new_tokens: int
+    programs: list[tuple[Plan, dict, ir.Model]],
+    out: str,
+    atol,
+    rtol,
+    workers,
+    cpus_per_task,
+    new_tokens: int,
+    inline: bool,
+    beside_onnx: Callable[[], None] | None = None,
 ) -> VerificationReport:
-    """Verify each file (its plan, memory tensors and function-form model); an
-    encoder-decoder's also decodes greedily through its three files."""
+    """Verify each file (its plan, memory tensors and function-form model; `inline`: the files
+    as saved are flat); an encoder-decoder's also decodes greedily through its three files.
+    `beside_onnx` is called as ONNX Runtime's checks start (after the PyTorch reference)."""
     if len(programs) == 1:
         ((plan, memory, checked),) = programs
-        return _verify(plan, memory, out, checked, atol, rtol, workers, cpus_per_task, new_tokens)
+        return _verify(
+            plan, memory, out, checked, atol, rtol, workers, cpus_per_task, new_tokens, inline, beside_onnx
+        )
     reports = [
-        _verify(plan, memory, out, checked, atol, rtol, workers, cpus_per_task)
+        _verify(
+            plan,
+            memory,
+            out,
+            checked,
+            atol,
+            rtol,
+            workers,
+            cpus_per_task,
+            inline=inline,
+            beside_onnx=beside_onnx,
+        )
         for plan, memory, checked in programs
     ]
     clock = time.perf_counter()
@@ -453,7 +480,14 @@ def verify(
             "it changed since the export: export it again."
         )
     clock = time.perf_counter()
-    hashes = _output.shard_hashes(out, manifest["shards"])  # in background threads, meanwhile
+    hashes: list[concurrent.futures.Future] = []
+
+    def hash_shards() -> None:
+        """Hash the shards in background threads, once: beside ONNX Runtime's pass over the
+        same files (one read from disk serves both), leaving the PyTorch reference the cores."""
+        if not hashes:
+            hashes.extend(_output.shard_hashes(out, manifest["shards"]))
+
     try:
         with _ray.ray_session(address, runtime_env=runtime_env, lazy=True) as ray:
             if ray.joins:
@@ -478,7 +512,18 @@ def verify(
             programs = [(plan, memory, model) for (plan, memory), model in zip(plans, checked)]
             new_tokens = options.get("verify_tokens", 0) if verify_tokens is None else verify_tokens
             with ray.checks():
-                report = _verify_programs(programs, out, atol, rtol, workers, cpus_per_task, new_tokens)
+                report = _verify_programs(
+                    programs,
+                    out,
+                    atol,
+                    rtol,
+                    workers,
+                    cpus_per_task,
+                    new_tokens,
+                    options["inline"],
+                    hash_shards,
+                )
+        hash_shards()
         report.shard_hash_mismatches = [
             s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
         ]
@@ -683,7 +728,10 @@ class _LocalWork:
 
     def __init__(self, threads: int, on_done, nice: int = 0) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="shardex-local", initializer=_ray.lower_thread_priority, initargs=(nice,)
+            threads,
+            thread_name_prefix="shardex-local",
+            initializer=_ray.lower_thread_priority,
+            initargs=(nice,),
         )
         self.on_done = on_done
         self.sinks = _ray.active_recordings()
@@ -803,53 +851,50 @@ class _Progress:
 
 
 def _verify(
-    plan, memory, out, program: ir.Model, atol, rtol, workers, cpus_per_task=1, new_tokens: int = 0
+    plan,
+    memory,
+    out,
+    program: ir.Model,
+    atol,
+    rtol,
+    workers,
+    cpus_per_task=1,
+    new_tokens: int = 0,
+    inline=False,
+    beside_onnx: Callable[[], None] | None = None,
 ) -> VerificationReport:
-    """Reference run here (streamed); on Ray, the global check of ``model.onnx`` as saved and
-    one check per block group. A generation export with `new_tokens` also decodes greedily
-    here, while the block checks run on Ray; its ONNX Runtime steps then run in the global
-    check's pass over the weights. `program` is the stitched model in function form (before any
-    inlining): the block checks call its functions."""
+    """Reference run here (streamed), then ``model.onnx`` as saved in ONNX Runtime: the global
+    check, and for a generation export with `new_tokens` the greedy decoding (PyTorch's here
+    first, ONNX Runtime's steps then in the global check's pass over the weights), and one
+    check per block. On one machine the block checks ride on that same pass (a block's segment
+    runs its check), so every weight is read and upcast once for ONNX Runtime; on a cluster, or
+    for an inlined ``model.onnx`` (no block calls), they are tasks of their own, spread over
+    the nodes while PyTorch decodes. `program` is the stitched model in function form (before
+    any inlining): those tasks call its functions."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
     promote = needs_promotion(plan)
-    inputs = plan.example.resized()  # other sizes than the capture example: dynamic axes are exercised
+    inputs = plan.example.resized(VERIFY_GROWTH)  # other sizes than the capture's: dynamic axes are exercised
+    riding = not inline and _ray.node_count() == 1
+    threads = None if riding else 1  # PyTorch has the cores to itself, or shares them with checks
     logger.info("verify: running the PyTorch reference block by block")
     try:
-        reference = reference_run(plan, memory, inputs)
+        reference = reference_run(plan, memory, inputs, threads=threads)
     except ShardexError:
         raise
     except Exception as e:  # the model's own code failed on the verification inputs
         first = (str(e).strip().splitlines() or [""])[0]
         raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
-    check_models = {g.function_name: block_check_model(program, plan, g, promote) for g in plan.groups}
-    # ONNX Runtime and the PyTorch reference: on a node with a GPU, a share of it. A group's
-    # members are checked in as many tasks as there are nodes, so a cluster shares them.
-    block_tasks = [
-        _ray.Task(
-            f"verify {g.function_name}" + (f" {members[0]}..{members[-1]}" if chunks > 1 else ""),
-            verify_block_group,
-            (
-                check_models[g.function_name],
-                plan,
-                g,
-                {p: reference.boundaries[p] for p in members},
-                out,
-                atol_,
-                rtol_,
-            ),
-            gpu=True,
-        )
-        for g in plan.groups
-        for chunks in [min(len(g.members), _ray.node_count())]
-        for members in _split(g.members, chunks)
-    ]
+    block_tasks = (
+        [] if riding else _block_tasks(plan, program, reference.boundaries, promote, out, atol_, rtol_)
+    )
+    boundaries = reference.boundaries if riding else {}
     decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
     global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
     blocks_future = None
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
-        if decode and workers != 1:  # the block checks run on Ray while PyTorch decodes here
+        if decode and block_tasks and workers != 1:  # the block checks run on Ray while PyTorch decodes
             blocks_future = background.submit(
                 contextvars.copy_context().run,
                 _ray.run_tasks,
@@ -862,24 +907,28 @@ def _verify(
         generation = None
         if decode:
             logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
-            generation = reference_generation(plan, memory, new_tokens)
+            generation = reference_generation(plan, memory, new_tokens, threads=threads)
             saved = _ray.Task(
-                "verify global and generation",
+                "verify global, generation" + (" and blocks" if riding else ""),
                 verify_saved_model,
-                (*global_args[:4], generation, *global_args[4:]),
+                (*global_args[:4], generation, *global_args[4:], boundaries),
                 gpu=True,
             )
         else:
-            saved = _ray.Task("verify global", verify_global, global_args, gpu=True)
+            label = "verify global" + (" and blocks" if riding else "")
+            saved = _ray.Task(label, verify_global, (*global_args, None, boundaries), gpu=True)
         if blocks_future is not None:  # the saved model's pass after them: never a block's and
             group_checks = blocks_future.result()  # a segment's weights in memory at once
             reference.boundaries.clear()
+        if beside_onnx is not None:
+            beside_onnx()
         results = _ray.run_tasks(
             [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
         )
-        global_checks, generation_check = results[0] if generation is not None else (results[0], None)
+        global_checks, *rest = results[0]
+        generation_check = rest[0] if generation is not None else None
         if blocks_future is None:
-            group_checks = results[1:]
+            group_checks = [rest[-1], *results[1:]]
     runtime = (
         f"{plan.model_file} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     )
@@ -900,6 +949,25 @@ def _verify(
     return report
 
 
+def _block_tasks(plan: Plan, program: ir.Model, boundaries: dict, promote: bool, out, atol, rtol) -> list:
+    """The block checks as tasks of their own: a group's members in as many tasks as there are
+    nodes (a cluster shares them), each block a session of one call of `program` (a private,
+    promoted copy of it where the export is bf16/fp16)."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(program))
+    segments = block_segments(copy, [p for g in plan.groups for p in g.members], promote)
+    return [
+        _ray.Task(
+            f"verify {g.function_name}" + (f" {members[0]}..{members[-1]}" if chunks > 1 else ""),
+            verify_block_group,
+            ({p: segments[p] for p in members}, {p: boundaries[p] for p in members}, out, atol, rtol),
+            gpu=True,
+        )
+        for g in plan.groups
+        for chunks in [min(len(g.members), _ray.node_count())]
+        for members in _split(g.members, chunks)
+    ]
+
+
 def _split(items: list, parts: int) -> list[list]:
     """`items` in `parts` consecutive runs of (nearly) equal length."""
     size = -(-len(items) // parts)
@@ -908,8 +976,8 @@ def _split(items: list, parts: int) -> list[list]:
 
 def _log_verified(task: _ray.Task, checks) -> None:
     """Progress on the driver: workers' own logs do not reach it."""
-    if isinstance(checks, tuple):  # the global checks and the generation check
-        checks = [*checks[0], *checks[1].checks()]
+    if isinstance(checks, tuple):  # the saved model's: output checks, [generation check,] block checks
+        checks = [c for part in checks for c in (part if isinstance(part, list) else part.checks())]
     worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff), default=None)
     if worst is not None:
         failed = sum(not c.passed for c in checks)

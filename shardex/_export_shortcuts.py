@@ -153,6 +153,9 @@ def _translatable_as_is(program, registry) -> bool:
             if isinstance(target, torch._ops.OpOverload):
                 if target in table or target._schema.is_mutable or not registry.is_registered(target):
                     return False
-            elif target not in _SYMBOLIC_CALLABLES and getattr(target, "__module__", None) not in _SYMBOLIC_MODULES:
+            elif (
+                target not in _SYMBOLIC_CALLABLES
+                and getattr(target, "__module__", None) not in _SYMBOLIC_MODULES
+            ):
                 return False
     return True

@@ -32,6 +32,7 @@ from shardex._verify import (
     Step,
     StreamedReference,
     _to_numpy,
+    block_checks,
     compare,
     global_checks,
     global_step,
@@ -113,9 +114,12 @@ def _empty_past(plan: Plan, batch: int) -> list[tuple[tuple[int, ...], tuple[int
     ]
 
 
-def reference_generation(plan: Plan, memory: dict[str, torch.Tensor], new_tokens: int) -> GenerationReference:
-    """PyTorch's greedy decoding of `new_tokens` tokens, weights streamed block by block."""
-    reference = StreamedReference(plan, memory, record=False)
+def reference_generation(
+    plan: Plan, memory: dict[str, torch.Tensor], new_tokens: int, *, threads: int | None = 1
+) -> GenerationReference:
+    """PyTorch's greedy decoding of `new_tokens` tokens, weights streamed block by block, on
+    `threads` CPU threads (None: PyTorch's default, when nothing else runs beside it)."""
+    reference = StreamedReference(plan, memory, record=False, threads=threads)
     ids, mask = generation_prompt(plan)
     past = tuple(
         {
@@ -227,19 +231,23 @@ def verify_saved_model(
     atol: float,
     rtol: float,
     promote: bool,
-) -> tuple[list[CheckResult], GenerationCheck]:
-    """The global check and the greedy-decoding check of a generation export in one pass over
+    boundaries: dict | None = None,
+) -> tuple[list[CheckResult], GenerationCheck, list[CheckResult]]:
+    """The global check, the greedy-decoding check of a generation export and the checks of
+    the blocks in `boundaries` (path -> recorded PyTorch inputs and outputs) in one pass over
     ``model.onnx``'s weights: each session (the file, or each segment) is opened once for the
-    global step and every decoding step."""
-    runner = SavedModelRunner(output_dir, promote, model_file=plan.model_file)
+    global step, every decoding step and, for a block's segment, its block check."""
+    boundaries = boundaries or {}
+    runner = SavedModelRunner(output_dir, promote, model_file=plan.model_file, block_paths=list(boundaries))
     steps = [global_step(runner, inputs, promote), *generation_steps(plan, generation, promote)]
     try:
-        global_outputs, *step_outputs = runner.run_steps(steps)
+        (global_outputs, *step_outputs), blocks = runner.run(steps, boundaries)
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
         failure = runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)
-        return [failure], failed_generation(generation, failure)
+        return [failure], failed_generation(generation, failure), []
     checks = global_checks(runner, global_outputs, reference_outputs, atol, rtol)
-    return checks, generation_check(generation, [o["logits"] for o in step_outputs], atol, rtol)
+    generated = generation_check(generation, [o["logits"] for o in step_outputs], atol, rtol)
+    return checks, generated, block_checks(blocks, boundaries, atol, rtol)
 
 
 # --- encoder-decoders ----------------------------------------------------------------------

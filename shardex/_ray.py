@@ -135,7 +135,10 @@ class RaySession:
         if self.started or self._thread is not None:
             return
         self._thread = threading.Thread(
-            target=self._start_and_hold, args=(nice if self.address is None else 0,), name="shardex-ray", daemon=True
+            target=self._start_and_hold,
+            args=(nice if self.address is None else 0,),
+            name="shardex-ray",
+            daemon=True,
         )
         self._thread.start()
 

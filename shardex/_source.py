@@ -21,6 +21,7 @@ import glob
 import importlib
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -344,18 +345,47 @@ def read_tensor(location: TensorLocation, out: torch.Tensor | None = None) -> to
     return out.reshape(location.shape)
 
 
-def read_rows(location: TensorLocation, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """Rows `start:stop` (along the first dim) of a stored tensor, read into the front of `out`
-    (a contiguous buffer of the stored dtype, at least that large); returns that view of `out`.
-    Rows of a safetensors tensor are contiguous: one bounded read."""
-    rows = location.shape[0]
-    assert 0 <= start <= stop <= rows, f"Bug: rows {start}:{stop} of a tensor of {rows}"
-    row_bytes = location.nbytes // rows if rows else 0
-    shape = (stop - start, *location.shape[1:])
-    view = out.reshape(-1)[: (stop - start) * (row_bytes // out.element_size())]
-    if view.numel():
-        _pread(location, start * row_bytes, memoryview(view.view(torch.uint8).numpy()))
-    return view.view(shape)
+class MappedRows:
+    """Rows of stored tensors as views of their files' pages (mmap), for a reader that converts
+    them at once: one pass over memory, where a read copies them out of the page cache first
+    (the 6.7B reference's passes on 2 threads: 5.5 against 3.9 GB/s). `rows` unmaps the pages
+    once the caller is done with them, so the process holds at most one chunk of them."""
+
+    def __init__(self) -> None:
+        self.maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+
+    @contextlib.contextmanager
+    def rows(self, location: TensorLocation, start: int, stop: int) -> Iterator[torch.Tensor]:
+        """Rows `start:stop` (along the first dim) of a stored tensor, valid inside the block."""
+        rows = location.shape[0]
+        assert 0 <= start <= stop <= rows, f"Bug: rows {start}:{stop} of a tensor of {rows}"
+        row_bytes = location.nbytes // rows if rows else 0
+        first, length = location.offset + start * row_bytes, (stop - start) * row_bytes
+        mapped, view = self._map(location)
+        if location.offset + location.nbytes > len(view):
+            raise SourceError(
+                f"{location.file} is truncated: expected {location.nbytes} bytes at offset {location.offset}."
+            )
+        dtype = SAFETENSORS_TO_TORCH[location.dtype]
+        try:
+            data = (
+                torch.frombuffer(view[first : first + length], dtype=dtype)
+                if length
+                else torch.empty(0, dtype=dtype)
+            )
+            yield data.view(stop - start, *location.shape[1:])
+        finally:
+            page = first - first % mmap.PAGESIZE
+            if length:
+                mapped.madvise(mmap.MADV_DONTNEED, page, first + length - page)
+
+    def _map(self, location: TensorLocation) -> tuple[mmap.mmap, memoryview]:
+        if location.file not in self.maps:
+            with open(location.file, "rb") as f:
+                # copy-on-write, never written: a writable buffer, which torch views without a warning
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.maps[location.file] = (mapped, memoryview(mapped))
+        return self.maps[location.file]
 
 
 def _pread(location: TensorLocation, offset: int, view: memoryview) -> None:

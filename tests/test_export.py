@@ -177,8 +177,10 @@ def test_inline_gives_flat_graph_with_same_outputs(tmp_path):
     inlined = first_step(tmp_path / "flat" / "model.onnx", feeds)
     for a, b in zip(inlined, with_functions, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    assert shardex.load_manifest(tmp_path / "flat")["verification"]["passed"]
-    assert shardex.verify(tmp_path / "flat").passed  # re-verification rebuilds the function form
+    verification = shardex.load_manifest(tmp_path / "flat")["verification"]
+    assert verification["passed"] and len(verification["blocks"]) == 3  # block checks of their own
+    report = shardex.verify(tmp_path / "flat")  # re-verification rebuilds the function form
+    assert report.passed and [c.name for c in report.blocks] == [f"model.layers.{i}" for i in range(3)]
 
 
 def corrupt_tensor(out, name: str, dtype=np.float32) -> None:
@@ -283,7 +285,7 @@ def test_global_check_streams_the_saved_file_in_segments(tmp_path):
     assert len(_segments(graph, block_bytes)) > 4  # embedding, each layer, norm and head apart
 
     def check() -> list:
-        return verify_global(plan, os.fspath(out), inputs, reference, 5e-2, 5e-2, True, block_bytes)
+        return verify_global(plan, os.fspath(out), inputs, reference, 5e-2, 5e-2, True, block_bytes)[0]
 
     assert all(c.passed for c in check())
     corrupt_tensor(out, "lm_head.weight", dtype=np.uint16)
@@ -294,3 +296,32 @@ def test_global_check_streams_the_saved_file_in_segments(tmp_path):
     (failure,) = check()
     assert not failure.passed and "ONNX Runtime cannot run model.onnx" in failure.error
     assert "\n" not in failure.error
+
+
+def test_block_checks_ride_on_the_segmented_pass(tmp_path):
+    """A promoted (bf16) export runs in segments with each block call a segment of its own: the
+    session that runs the global step also checks its block on PyTorch's recorded inputs, and a
+    damaged weight is pinned to its block there."""
+    from shardex._export import plan_export
+    from shardex._source import resolve_source
+    from shardex._verify import reference_run, verify_global
+
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=3, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, verify=False)
+    plan, memory = plan_export(resolve_source(ckpt), shardex.load_manifest(out)["options"], None, None, None)
+    inputs = plan.example.resized()
+    reference = reference_run(plan, memory, inputs)
+
+    def check() -> tuple[list, list]:
+        return verify_global(
+            plan, os.fspath(out), inputs, reference.outputs, 5e-2, 5e-2, True, None, reference.boundaries
+        )
+
+    outputs, blocks = check()
+    assert all(c.passed for c in outputs + blocks)
+    assert [c.name for c in blocks] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    corrupt_tensor(out, "model.layers.1.mlp.down_proj.weight", dtype=np.uint16)
+    outputs, blocks = check()
+    assert {c.name for c in blocks if not c.passed} == {"model.layers.1"}
+    assert not all(c.passed for c in outputs)
