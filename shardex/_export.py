@@ -483,10 +483,12 @@ def verify(
     hashes: list[concurrent.futures.Future] = []
 
     def hash_shards() -> None:
-        """Hash the shards in background threads, once: beside ONNX Runtime's pass over the
-        same files (one read from disk serves both), leaving the PyTorch reference the cores."""
+        """Hash the shards, once, on one thread reading them in order beside ONNX Runtime's pass
+        over the same files in the same order (one read from disk serves both where the page
+        cache cannot hold checkpoint and export together), leaving the PyTorch reference both
+        cores before it."""
         if not hashes:
-            hashes.extend(_output.shard_hashes(out, manifest["shards"]))
+            hashes.extend(_output.shard_hashes(out, manifest["shards"], threads=1))
 
     try:
         with _ray.ray_session(address, runtime_env=runtime_env, lazy=True) as ray:

@@ -318,12 +318,12 @@ def model_sha256(out: str, file: str = MODEL_FILE) -> str | None:
     return file_sha256(path) if os.path.isfile(path) else None
 
 
-def shard_hashes(out: str, shards: list[dict]) -> list[concurrent.futures.Future]:
-    """Hash `shards` (manifest entries) in background threads, one per CPU: hashlib and reads
-    release the GIL, so a 13 GB export hashes at the speed of all cores, beside other work.
-    One future per shard, giving its hash (None for a missing file)."""
+def shard_hashes(out: str, shards: list[dict], threads: int | None = None) -> list[concurrent.futures.Future]:
+    """Hash `shards` (manifest entries) in background threads, `threads` of them (default one
+    per CPU): hashlib and reads release the GIL, so a 13 GB export hashes at the speed of all
+    cores, beside other work. One future per shard, giving its hash (None for a missing file)."""
     pool = concurrent.futures.ThreadPoolExecutor(
-        max(1, min(len(shards), os.cpu_count() or 1)), thread_name_prefix="shardex-hash"
+        threads or max(1, min(len(shards), os.cpu_count() or 1)), thread_name_prefix="shardex-hash"
     )
     futures = [pool.submit(shard_sha256, out, shard) for shard in shards]
     pool.shutdown(wait=False)

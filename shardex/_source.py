@@ -379,9 +379,11 @@ class MappedRows:
             if length:
                 mapped.madvise(mmap.MADV_DONTNEED, page, first + length - page)
 
-    def _map(self, location: TensorLocation) -> tuple[mmap.mmap, memoryview]:
+    def _map(self, location: TensorLocation) -> tuple[mmap.mmap | None, memoryview]:
         if location.file not in self.maps:
             with open(location.file, "rb") as f:
+                if not os.fstat(f.fileno()).st_size:  # nothing to map: `rows` reports it truncated
+                    return None, memoryview(b"")
                 # copy-on-write, never written: a writable buffer, which torch views without a warning
                 mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             self.maps[location.file] = (mapped, memoryview(mapped))

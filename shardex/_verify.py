@@ -5,16 +5,16 @@ loaded just before it runs and dropped after, so memory is about the trunk plus 
 same run records every block's boundary tensors; each block's ONNX function is then run in ONNX
 Runtime on exactly those inputs, so a mismatch is pinned to one block.
 
-ONNX Runtime always runs the files as saved: its sessions get the external-data references
-written in ``model.onnx`` and resolve them in the shards themselves (shardex reads no weight for
-them), as one session on the file or, for a model larger than the session budget, as segments.
+ONNX Runtime runs the files as saved: its sessions get the external-data references written in
+``model.onnx`` and resolve them in the shards themselves, as one session on the file or, for a
+model larger than the session budget, as segments (a block's segment also runs its check).
 
 Low precision on CPU: ONNX Runtime's CPU provider lacks bf16 (and much fp16) kernels. Such
 exports are verified as a *float32-promoted* copy of the graph: every bf16/fp16 type, cast and
-constant becomes float32 and every stored weight is upcast exactly (bf16 and fp16 are subsets
-of fp32); the reference is PyTorch in float32 with the same rounded weights. This proves the
-graph's structure and every stored weight bit; it does not measure the rounding a native
-low-precision runtime would add.
+constant becomes float32, and every stored weight is upcast exactly (bf16 and fp16 are subsets
+of fp32), by shardex, from the bytes at the file's references (`_Upcasts`); the reference is
+PyTorch in float32 with the same rounded weights. This proves the graph's structure and every
+stored weight bit; it does not measure the rounding a native low-precision runtime would add.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from typing import Any
 
@@ -141,8 +142,8 @@ class _WeightLoader:
     """Loads a tensor from the source, rounded through its export dtype, in the compute dtype.
 
     On the CPU, large 2-D weights are not loaded at all: `weight` gives a `_StreamedWeight`,
-    whose rows are read from the checkpoint (page cache) where a matrix product or an
-    embedding lookup uses them, a few MB at a time, converted to the compute dtype in a buffer
+    whose rows are taken from the checkpoint's pages (`MappedRows`) where a matrix product or
+    an embedding lookup uses them, a few MB at a time, converted to the compute dtype in a buffer
     that stays in cache. Nothing of the size of a block (or of the LM head) is held, and the
     weights cross memory once per forward instead of being read, upcast to a float32 copy and
     read again. Any other use of such a weight gets its whole value (`load`).
@@ -973,7 +974,7 @@ class _Upcasts:
     def __init__(self, output_dir: str) -> None:
         self.output_dir = os.path.realpath(output_dir)
         self.free: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.mapped = MappedRows()
 
     def values(self, weights: list[_StoredWeight]) -> dict[str, torch.Tensor]:
         """`weights` upcast, by name; the pool keeps only buffers of the shapes they need."""
@@ -985,7 +986,8 @@ class _Upcasts:
         for w in weights:
             free = self.free.get(w.shape)
             out = free.pop() if free else torch.empty(w.shape, dtype=torch.float32)
-            values[w.name] = out.copy_(self._read(w))
+            with self.mapped.rows(self._location(w), 0, w.shape[0] if w.shape else 1) as stored:
+                values[w.name] = out.copy_(stored.view(w.shape))
         return values
 
     def release(self, sess) -> None:
@@ -993,18 +995,17 @@ class _Upcasts:
         for t in getattr(sess, "shardex_buffers", []):
             self.free.setdefault(tuple(t.shape), []).append(t)
 
-    def _read(self, w: _StoredWeight) -> torch.Tensor:
+    def _location(self, w: _StoredWeight) -> TensorLocation:
+        """Where `w`'s bytes are, checked as ONNX Runtime checks a reference: a file of the
+        export directory, a length that fits the shape (`MappedRows` checks the file's end)."""
         path = os.path.realpath(os.path.join(self.output_dir, w.location))
         if os.path.isabs(w.location) or os.path.dirname(path) != self.output_dir:
             raise ValueError(f"{w.name}'s external data {w.location!r} is not a file of {self.output_dir}")
-        location = TensorLocation(path, w.offset, w.length, _LOW_STORED[w.dtype], w.shape)
-        if w.length != int(np.prod(w.shape, dtype=np.int64)) * 2:
+        if w.length != math.prod(w.shape) * 2:
             raise ValueError(
                 f"{w.name}'s external data length {w.length} does not fit its shape {list(w.shape)}"
             )
-        if self.raw.numel() < w.length:
-            self.raw = torch.empty(w.length, dtype=torch.uint8)
-        return read_tensor(location, self.raw[: w.length].view(SAFETENSORS_TO_TORCH[location.dtype]))
+        return TensorLocation(path, w.offset, w.length, _LOW_STORED[w.dtype], w.shape or (1,))
 
 
 def block_segments(model: ir.Model, paths, promote: bool) -> dict[str, _Segment]:
