@@ -922,6 +922,7 @@ def _verify(
         if blocks_future is not None:  # the saved model's pass after them: never a block's and
             group_checks = blocks_future.result()  # a segment's weights in memory at once
             reference.boundaries.clear()
+        logger.info("verify: ONNX Runtime on %s (%s)", plan.model_file, saved.label.removeprefix("verify "))
         if beside_onnx is not None:
             beside_onnx()
         results = _ray.run_tasks(
