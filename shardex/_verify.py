@@ -649,13 +649,15 @@ class SavedModelRunner:
         self.output_names = [v.name for v in model.graph.outputs]
         budget = session_budget() if max_session_bytes is None else max_session_bytes
         weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if _is_external(v))
+        self.upcasts = _Upcasts(output_dir)
         if weights <= budget and not promote:
             self.path, self.segments = path, None
             self.blocks = block_segments(model, block_paths, promote=False)
         else:
             self.path, self.blocks = None, {}
-            self.segments = _SegmentedRunner(model, output_dir, promote, budget, set(block_paths))
-        self.upcasts = _Upcasts(output_dir)
+            self.segments = _SegmentedRunner(
+                model, output_dir, promote, budget, set(block_paths), self.upcasts
+            )
 
     def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
         return self.run(steps, {})[0]
@@ -708,7 +710,13 @@ class _SegmentedRunner:
     Where that does not hold, the steps run one after the other, each opening every segment."""
 
     def __init__(
-        self, model: ir.Model, output_dir: str, promote: bool, budget: int, checked: set[str]
+        self,
+        model: ir.Model,
+        output_dir: str,
+        promote: bool,
+        budget: int,
+        checked: set[str],
+        upcasts: _Upcasts,
     ) -> None:
         self.output_dir = output_dir
         graph = model.graph
@@ -727,7 +735,7 @@ class _SegmentedRunner:
         ]
         self.input_dims = {v.name: _dims(v) for v in graph.inputs}
         self.outputs = {v.name: (_dims(v), v.dtype.numpy()) for v in graph.outputs if v.dtype is not None}
-        self.upcasts = _Upcasts(output_dir)
+        self.upcasts = upcasts
 
     def run(self, steps: list[Step], boundaries: dict) -> tuple[list[dict[str, np.ndarray]], dict]:
         blocks: dict[str, list[np.ndarray] | Exception] = {}
