@@ -363,9 +363,7 @@ class MappedRows:
         first, length = location.offset + start * row_bytes, (stop - start) * row_bytes
         mapped, view = self._map(location)
         if location.offset + location.nbytes > len(view):
-            raise SourceError(
-                f"{location.file} is truncated: expected {location.nbytes} bytes at offset {location.offset}."
-            )
+            raise _truncated(location)
         dtype = SAFETENSORS_TO_TORCH[location.dtype]
         try:
             data = (
@@ -390,6 +388,12 @@ class MappedRows:
         return self.maps[location.file]
 
 
+def _truncated(location: TensorLocation) -> SourceError:
+    return SourceError(
+        f"{location.file} is truncated: expected {location.nbytes} bytes at offset {location.offset}."
+    )
+
+
 def _pread(location: TensorLocation, offset: int, view: memoryview) -> None:
     """Fill `view` from `location`'s file, `offset` bytes into the tensor's data."""
     fd = os.open(location.file, os.O_RDONLY)
@@ -398,10 +402,7 @@ def _pread(location: TensorLocation, offset: int, view: memoryview) -> None:
         while done < len(view):
             n = os.preadv(fd, [view[done:]], location.offset + offset + done)
             if n == 0:
-                raise SourceError(
-                    f"{location.file} is truncated: expected {location.nbytes} bytes at offset "
-                    f"{location.offset}."
-                )
+                raise _truncated(location)
             done += n
     finally:
         os.close(fd)

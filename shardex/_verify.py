@@ -36,7 +36,7 @@ from torch.utils import _pytree as pytree
 
 from shardex._conversions import read_source
 from shardex._dtypes import LOW_PRECISION, SAFETENSORS_TO_TORCH, dtype_name
-from shardex._output import MODEL_FILE
+from shardex._output import MODEL_FILE, file_in
 from shardex._plan import BlockGroup, ExampleInputs, Plan, export_state
 from shardex._source import MappedRows, TensorLocation, named_tensors, read_tensor
 from shardex._stitch import BLOCK_DOMAIN
@@ -718,7 +718,6 @@ class _SegmentedRunner:
         checked: set[str],
         upcasts: _Upcasts,
     ) -> None:
-        self.output_dir = output_dir
         graph = model.graph
         self.output_names = [v.name for v in graph.outputs]
         if promote:
@@ -777,7 +776,7 @@ class _SegmentedRunner:
                     else:
                         raise _NeedsStepOrder(f"{name} is read before the segment computing {source}")
                 if sess is None:
-                    sess = segment.open(feeds, self.output_dir, self.upcasts)
+                    sess = segment.open(feeds, self.upcasts)
                 env.update(zip(segment.output_names, sess.run(None, feeds)))
                 for output in segment.output_names:
                     given = stand_ins.get((t + 1, output))
@@ -919,15 +918,15 @@ class _Segment:
             value_info.type.tensor_type.ClearField("shape")
         self.upcast = _promote_initializers(self.proto.graph, initializers) if promote else []
 
-    def open(self, feeds: dict[str, np.ndarray], output_dir: str, upcasts: _Upcasts, *, basic: bool = False):
+    def open(self, feeds: dict[str, np.ndarray], upcasts: _Upcasts, *, basic: bool = False):
         """A session on this segment, its input types taken from the arrays fed (promotion
-        changed some)."""
+        changed some), its weights resolved in `upcasts`' export directory."""
         for value_info in self.proto.graph.input:
             value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
                 feeds[value_info.name].dtype
             )
         model = self.proto.SerializeToString()
-        return session(model, output_dir, basic=basic, initializers=upcasts.values(self.upcast))
+        return session(model, upcasts.output_dir, basic=basic, initializers=upcasts.values(self.upcast))
 
     def block_feeds(self, data: list[np.ndarray]) -> dict[str, np.ndarray]:
         """The block call's inputs from `data`, its recorded inputs in call order."""
@@ -980,7 +979,7 @@ class _Upcasts:
     one thread at ~0.35 G values/s: 0.53 s for a 6.7B layer, 0.07 s here."""
 
     def __init__(self, output_dir: str) -> None:
-        self.output_dir = os.path.realpath(output_dir)
+        self.output_dir = output_dir
         self.free: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self.mapped = MappedRows()
 
@@ -1006,9 +1005,7 @@ class _Upcasts:
     def _location(self, w: _StoredWeight) -> TensorLocation:
         """Where `w`'s bytes are, checked as ONNX Runtime checks a reference: a file of the
         export directory, a length that fits the shape (`MappedRows` checks the file's end)."""
-        path = os.path.realpath(os.path.join(self.output_dir, w.location))
-        if os.path.isabs(w.location) or os.path.dirname(path) != self.output_dir:
-            raise ValueError(f"{w.name}'s external data {w.location!r} is not a file of {self.output_dir}")
+        path = file_in(self.output_dir, w.location, named_by=f"{MODEL_FILE}'s reference of {w.name}")
         if w.length != math.prod(w.shape) * 2:
             raise ValueError(
                 f"{w.name}'s external data length {w.length} does not fit its shape {list(w.shape)}"
@@ -1042,7 +1039,7 @@ def run_blocks(segments: dict[str, _Segment], boundaries: dict, upcasts: _Upcast
             continue
         data = boundaries[path][0]
         try:
-            sess = segment.open(segment.block_feeds(data), upcasts.output_dir, upcasts, basic=True)
+            sess = segment.open(segment.block_feeds(data), upcasts, basic=True)
         except Exception as e:  # ONNX Runtime's errors are plain Exceptions
             outputs[path] = e
             continue
