@@ -44,14 +44,23 @@ PORT_OPTIONS = (
 HEAD_PORT_OPTIONS = ("--port", "--ray-client-server-port", "--dashboard-port")
 
 
+_HANDED_OUT: set[int] = set()  # ports `free_ports` gave before, in this process
+
+
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports no process listens on now (another process could take one before
-    Ray does: unlikely). The sockets stay open until all are chosen, so none comes twice."""
+    """`count` distinct ports no process listens on now, none handed out before by this process
+    (a node binds some of its ports only once running, so a port given to the head could
+    still look free when the next node's are chosen). Another process could take one before
+    Ray does: unlikely. The sockets stay open until all are chosen, so none comes twice."""
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
+        ports: list[int] = []
+        while len(ports) < count:
+            s = stack.enter_context(socket.socket())
             s.bind(("", 0))
-        return [s.getsockname()[1] for s in sockets]
+            if (port := s.getsockname()[1]) not in _HANDED_OUT:
+                ports.append(port)
+                _HANDED_OUT.add(port)
+        return ports
 
 
 def node_command(

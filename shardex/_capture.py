@@ -32,11 +32,10 @@ from torch.utils import _pytree as pytree
 from shardex import _hf_export
 from shardex._dtypes import DTYPES, TORCH_TO_ONNX
 from shardex._errors import CaptureError
-from shardex._export_shortcuts import shortcuts
+from shardex._export_shortcuts import shortcuts, warm_registry
 from shardex._patches import SHAPES_ONLY, capture_patches
 from shardex._plan import CallSignature, Plan, TensorSpec, export_state
 from shardex._source import named_tensors
-from shardex._state_cache import is_state_layer, layer_state
 from shardex._tasks import (
     CACHE_AXES,
     DERIVED_AXES,
@@ -176,51 +175,29 @@ class _HoleModule(BlockStandIn, nn.Module):
                 f"({len(tensors)} tensors, constants {constants!r} vs {expected!r}).",
                 piece="trunk",
             )
-        if cache is not None:
-            _same_cache_dims(cache)
         outputs = torch.ops.shardex.hole(tensors, self.key)
         return merge_cache(self.call.unflatten_outputs(outputs), cache, self.cache_layer)
 
 
-# The traces (by their ShapeEnv's id) whose cache dims `_same_cache_dims` has equated.
-_EQUATED_CACHES: set[int] = set()
+def _equate_named_axes(model: nn.Module, example) -> torch.utils.hooks.RemovableHandle:
+    """Tell the trace, as it enters `model`, that input axes sharing a name (the plan's
+    ``dynamic_axes``: every layer's past length, the inputs' and the cache's batch) are one size.
+    torch.export equates such dims only when the trace ends; until then each tensor carries
+    symbols of its own, and each hole call would look new to `_hole_fake`'s memo, running the
+    block once per layer (or twice, the first layer's hidden states having a batch of their
+    own) instead of once per group. Axes whose example sizes differ are left alone."""
+    sizes = [t.shape for t in example.flat_tensors()]
 
+    def equate(module, args, kwargs) -> None:
+        tensors = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
+        first: dict[str, tuple[torch.SymInt | int, int]] = {}
+        for tensor, shape, axes in zip(tensors, sizes, example.dynamic_axes):
+            for axis, name in axes.items():
+                size, known = first.setdefault(name, (tensor.shape[axis], shape[axis]))
+                if known == shape[axis]:
+                    torch._check(tensor.shape[axis] == size)
 
-def _same_cache_dims(cache) -> None:
-    """Tell the trace, at its first hole, that every layer's past has layer 0's batch and
-    length. The export declares them one named dim each, but torch.export equates such dims
-    only when the trace ends; until then each layer's past carries symbols of its own and each
-    hole call would look new to `_hole_fake`'s memo, running the block once per layer instead
-    of once per group. An encoder-decoder's cache is two (self- and cross-attention's), each
-    equated within itself; a state-space model's state (`_state_cache`) shares its batch only."""
-    caches = (
-        [cache.self_attention_cache, cache.cross_attention_cache]
-        if hasattr(cache, "cross_attention_cache")
-        else [cache]
-    )
-    stacks = [[_cache_tensors(layer) for layer in c.layers] for c in caches]
-    stacks = [layers for layers in stacks if layers and layers[0]]
-    first, axes = stacks[0][0][0] if stacks else (None, ())
-    size = first.shape[axes[-1]] if first is not None else None
-    if not isinstance(size, torch.SymInt) or id(size.node.shape_env) in _EQUATED_CACHES:
-        return
-    _EQUATED_CACHES.add(id(size.node.shape_env))
-    for layers in stacks:
-        first = layers[0][0][0]
-        for tensors in layers:
-            for tensor, axes in tensors:
-                for axis in axes:
-                    torch._check(tensor.shape[axis] == first.shape[axis])
-
-
-def _cache_tensors(layer) -> list[tuple[torch.Tensor, tuple[int, ...]]]:
-    """A cache layer's tensors, each with the axes every layer shares: keys and values (batch,
-    length), or a state layer's conv and ssm states (batch)."""
-    if is_state_layer(layer):
-        state = layer_state(layer)
-        return [(state.conv, (0,)), (state.ssm, (0,))]
-    tensors = (getattr(layer, "keys", None), getattr(layer, "values", None))
-    return [(t, (0, 2)) for t in tensors if isinstance(t, torch.Tensor)]
+    return model.register_forward_pre_hook(equate, with_kwargs=True)
 
 
 @contextlib.contextmanager
@@ -232,19 +209,22 @@ def _holes_registered(holes: dict[str, tuple[nn.Module, CallSignature, int]]) ->
         for key in holes:
             _HOLES.pop(key, None)
         _FAKE_OUTPUTS.clear()
-        _EQUATED_CACHES.clear()
 
 
 # --- captures ------------------------------------------------------------------------------
 
 
-def warm_up(source_kind: str) -> None:
-    """Import what a capture needs before the first capture arrives (run on fresh workers)."""
+def warm_up(source_kind: str, opset: int | None = None) -> None:
+    """Import what a capture needs before the first capture arrives (run on fresh workers and
+    in the coordinator's capture fork), and build torch.onnx's op registry for `opset` (None:
+    torch.onnx's default) and transformers' exporter pieces: ~2 s of a first capture's time."""
     import onnxscript.optimizer  # noqa: F401
     import torch.onnx._internal.exporter._core  # noqa: F401
 
     if source_kind == "hf":
         import transformers  # noqa: F401
+    _hf_export.translation_table()
+    warm_registry(opset)
 
 
 # A capture patches module state (torch.onnx's passes, transformers' and shardex's patches, the
@@ -276,6 +256,7 @@ def capture_trunk(plan: Plan) -> CapturedPiece:
     example = plan.example
     args, kwargs = pytree.tree_map_only(torch.Tensor, mode.from_tensor, (example.args, example.kwargs))
     dynamic = _export_dynamic_shapes(model, args, kwargs, example.dynamic_axes)
+    _equate_named_axes(model, example)
     with _holes_registered(holes):
         onnx_model = _export(
             "trunk",
@@ -409,7 +390,7 @@ def _export_dynamic_shapes(model: nn.Module, args, kwargs, dynamic_axes):
 
     The KV-cache tensors' axes are one named dim each for all layers (they are equal; each
     layer's past flows only into its own hole, so nothing in the trunk would relate them; see
-    `_same_cache_dims`)."""
+    `_equate_named_axes`)."""
     if not any(dynamic_axes):
         return None
     axes = iter(dynamic_axes)

@@ -73,12 +73,12 @@ IO_TASKS_PER_SLOT = 2
 COORDINATOR = "coordinator"  # the node id of work run by the coordinator's own threads
 
 
-def coordinator_record(label: str, start: float, end: float) -> TaskRecord:
-    """The record of work a thread of the coordinator ran itself (not a Ray task): its node is
-    the coordinator, its worker the thread (a Linux thread id, in the PID space)."""
-    return TaskRecord(
-        label, COORDINATOR, socket.gethostname(), "local", threading.get_native_id(), start, end, 0, 0
-    )
+def coordinator_record(label: str, start: float, end: float, pid: int | None = None) -> TaskRecord:
+    """The record of work the coordinator ran itself (not a Ray task): its node is the
+    coordinator, its worker the thread (a Linux thread id, in the PID space) or `pid`, a
+    process it forked."""
+    pid = threading.get_native_id() if pid is None else pid
+    return TaskRecord(label, COORDINATOR, socket.gethostname(), "local", pid, start, end, 0, 0)
 
 
 class Placer:

@@ -28,6 +28,7 @@ from shardex._capture import warm_up as warm_up_capture
 from shardex._cluster import IO_TASKS_PER_SLOT, summarize_nodes, write_timeline
 from shardex._dtypes import dtype_name, parse_dtype
 from shardex._errors import OptionsError, ShardexError, SourceError, VerificationError
+from shardex._fork import FORK_LOST, CaptureFork, spare_fork
 from shardex._generation import reference_generation, verify_saved_model, verify_seq2seq_generation
 from shardex._layout import (
     CONTEXT_LENGTH_KEYS,
@@ -62,9 +63,10 @@ logger = logging.getLogger("shardex")
 WRITER_NICENESS = 10  # writer threads yield the CPU to captures by this much
 RAY_START_NICENESS = 10  # a local Ray starting while this process captures: the captures go first
 # A local Ray takes ~6 s to start and a fresh worker ~2.5 s more for its first capture on 2
-# cores, where a capture here takes 1.5-4 s warm: a trunk and one distinct block (most decoders)
-# are captured here alone, no Ray started for them (BENCHMARKS.md, "Who captures").
-CAPTURES_HERE_ALONE = 2
+# cores, where a capture here takes 1.5-4 s warm: up to this many pieces per hand here (the
+# capture thread, and the fork) are captured here alone, and Ray's workers are started for
+# captures only on a machine with cores those hands leave idle (DESIGN.md, "Who captures").
+CAPTURES_PER_HAND = 2
 # Verification runs at the capture example's sizes grown by this along every dynamic axis:
 # other sizes exercise the dynamic axes as well as larger ones would, and the reference's and
 # ONNX Runtime's multi-token runs cost in proportion to the tokens (6.7B: 27 tokens, not 55).
@@ -172,6 +174,8 @@ def export(
             ) as ray,
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
+            # Forked before planning, so that it warms up for captures meanwhile.
+            spare_fork(not ray.joins, src.kind, options["opset"]) as fork,
         ):
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None
@@ -185,7 +189,15 @@ def export(
             journal = _start_journal(out, plan, options, resume, ray)
             with _stage(timings, "capture_and_weights"):
                 captured, shards = _capture_and_stream(
-                    [p for p, _ in plans], memory, out, workers, journal, cpus_per_task, ray=ray, cache=cache
+                    [p for p, _ in plans],
+                    memory,
+                    out,
+                    workers,
+                    journal,
+                    cpus_per_task,
+                    ray=ray,
+                    cache=cache,
+                    fork=fork,
                 )
             programs = [
                 _Program(component_plan, component_memory, *pieces)
@@ -603,12 +615,13 @@ def _capture_and_stream(
     *,
     ray: _ray.RaySession,
     cache: _capture_cache.CaptureCache | None = None,
+    fork: CaptureFork | None = None,
 ):
     """Capture the pieces of every plan (the programs of one export: one, or an encoder-decoder's
     three, all on the first plan's shards) that the capture cache lacks, all at once, while the
-    first plan's shards are written: on a joined cluster by its workers; on a local Ray by this
-    process, with Ray's workers taking a share when there are more than `CAPTURES_HERE_ALONE`
-    (`_CapturesHere`). Returns ``[(trunk, blocks by group id, the cache's account)]`` per plan
+    first plan's shards are written: on a joined cluster by its workers; on one machine by this
+    process and its fork (`_CapturesHere`), with a local Ray's workers taking a share of more
+    than `CAPTURES_PER_HAND` a hand where cores are left for them. Returns ``[(trunk, blocks by group id, the cache's account)]`` per plan
     and the shard results in plan order.
 
     Shards are written by threads of this process when every Ray worker would be on this
@@ -635,6 +648,9 @@ def _capture_and_stream(
             if name not in pieces[i]:
                 captures.append(_ray.Task(f"capture {prefix}{name}", function, args))
                 owners.append((i, name))
+    if fork is not None and len(captures) < 2:
+        fork.close()  # one capture or none: nothing for a second hand
+        fork = None
     remote = ray.spans_other_machines()  # a Ray this export may still start runs here alone
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
     writes = [
@@ -666,13 +682,14 @@ def _capture_and_stream(
     nice = WRITER_NICENESS if captures else 0
     with (
         _LocalWork(max(1, min(threads, len(local_tasks))), finished, nice) as local,
-        _CapturesHere(captures, finished, run=not ray.joins) as here,
+        _CapturesHere(captures, finished, run=not ray.joins, fork=fork) as here,
     ):
         for task in local_tasks:
             local.submit(task)
-        # Ray takes captures on a cluster, and here when there are more than this process
-        # captures faster alone.
-        shared = ray.joins or len(captures) > CAPTURES_HERE_ALONE
+        # Ray takes captures on a cluster, and here when its workers add cores to more pieces
+        # than the hands here capture faster alone.
+        hands = 1 + (fork is not None)
+        shared = ray.joins or (len(captures) > CAPTURES_PER_HAND * hands and (os.cpu_count() or 1) > hands)
         if shared and not ray.joins:
             ray.start_soon(nice=RAY_START_NICENESS)
             while here.pending() and not ray.wait_up(0.05):
@@ -693,6 +710,8 @@ def _capture_and_stream(
             else []
         )
         captured = here.merged(results[: len(remote_captures)])
+        if fork is not None:
+            fork.close()  # its memory is not held through stitching and verification
         local_results = local.results()
     for (i, name), piece in zip(owners, captured):
         pieces[i][name] = piece
@@ -768,13 +787,16 @@ class _LocalWork:
 
 
 class _CapturesHere:
-    """Captures this process runs itself, one after another, while a local Ray starts: the
-    coordinator has torch, torch.onnx and the model's code imported and warm, where a fresh Ray
-    worker first spends seconds starting and importing them. Each capture is taken once, by the
-    next free hand: this thread, or Ray through `claim` once a worker slot is free (see
+    """Captures this process runs itself while a local Ray starts: the coordinator has torch,
+    torch.onnx and the model's code imported and warm, where a fresh Ray worker first spends
+    seconds starting and importing them. A `CaptureFork` (forked at the export's start, warmed
+    up while this process plans) is a second hand here. Each capture is taken once, by the next
+    free hand: this thread, the fork, or Ray through `claim` once a worker slot is free (see
     DESIGN.md, "Who captures")."""
 
-    def __init__(self, tasks: list[_ray.Task], on_done, *, run: bool) -> None:
+    def __init__(
+        self, tasks: list[_ray.Task], on_done, *, run: bool, fork: CaptureFork | None = None
+    ) -> None:
         """`run`: whether this process captures at all (not on a cluster: all go to `claim`)."""
         self.tasks = tasks
         self.on_done = on_done
@@ -782,8 +804,9 @@ class _CapturesHere:
         self.free = list(range(len(tasks)))
         self.lock = threading.Lock()
         self.sinks = _ray.active_recordings()
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shardex-capture")
-        self.future = self.pool.submit(self._run) if run and tasks else None
+        self.pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="shardex-capture")
+        hands = ([fork] if fork is not None else []) + [None]  # None: this process
+        self.futures = [self.pool.submit(self._run, hand) for hand in hands] if run and tasks else []
 
     def __enter__(self) -> _CapturesHere:
         return self
@@ -799,7 +822,7 @@ class _CapturesHere:
             return bool(self.free)
 
     def claim(self, index: int) -> bool:
-        """Take capture `index` for Ray, unless this thread took it already. Ray's task list
+        """Take capture `index` for Ray, unless a hand here took it already. Ray's task list
         starts with the captures: a later index (a shard write) is not one of them."""
         if index >= len(self.tasks):
             return True
@@ -810,21 +833,29 @@ class _CapturesHere:
             return False
 
     def merged(self, remote: list) -> list:
-        """Every capture's piece, from here or from Ray (`remote`: None where this thread took
+        """Every capture's piece, from here or from Ray (`remote`: None where a hand here took
         it); a capture that failed here raises."""
-        if self.future is not None:
-            self.future.result()
+        for future in self.futures:
+            future.result()
         remote = remote or [None] * len(self.results)
         return [mine if mine is not None else theirs for mine, theirs in zip(self.results, remote)]
 
-    def _run(self) -> None:
+    def _run(self, fork: CaptureFork | None) -> None:
+        """Take free captures until none is left. The fork takes them from the front (the trunk,
+        the largest, first: it is warm by the time planning ends), this thread from the back.
+        A capture the fork cannot take is run here, and the fork is used no further."""
         while True:
             with self.lock:
                 if not self.free:
                     return
-                index = self.free.pop(0)
-            self.results[index] = _ray.run_recorded(self.tasks[index], self.sinks)
-            self.on_done(self.results[index])
+                index = self.free.pop(0 if fork is not None else -1)
+            task = self.tasks[index]
+            result = fork.run(task, self.sinks) if fork is not None else FORK_LOST
+            if result is FORK_LOST:
+                fork = None
+                result = _ray.run_recorded(task, self.sinks)
+            self.results[index] = result
+            self.on_done(result)
 
 
 class _Progress:

@@ -91,6 +91,17 @@ def shortcuts() -> Iterator[None]:
         notes.setLevel(level)
 
 
+def warm_registry(opset: int | None) -> None:
+    """Build the registry exports at `opset` use (torch.onnx's default when None), before the
+    first export needs it: torch.onnx registers at least its own opset."""
+    from torch.onnx import _constants as onnx_constants
+    from torch.onnx._internal.exporter import _constants, _registration
+
+    opset = opset or onnx_constants.ONNX_DEFAULT_OPSET  # as torch.onnx.export picks them
+    with shortcuts():
+        _registration.ONNXRegistry.from_torchlib(max(opset, _constants.TORCHLIB_OPSET))
+
+
 def _rename_trivial_decompositions(graph_module: torch.fx.GraphModule) -> None:
     """Rewrite the ops whose decomposition is one other op on the same operands: ``aten.to``
     (any overload) is ``_to_copy`` with its dtype, ``__and__``/``__or__`` are the bitwise ops."""
