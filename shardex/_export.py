@@ -67,6 +67,9 @@ RAY_START_NICENESS = 10  # a local Ray starting while this process captures: the
 # capture thread, and the fork) are captured here alone, and Ray's workers are started for
 # captures only on a machine with cores those hands leave idle (DESIGN.md, "Who captures").
 CAPTURES_PER_HAND = 2
+# On 2 cores, a second capture process shortened the 1.1B bf16 export (2.2 GB of weights) by
+# 2.3 s and lengthened the 6.7B's (13.5 GB) by 3-6 s: the stream needs the core (BENCHMARKS.md).
+FORK_MAX_STREAM_BYTES = 4 * 2**30
 # Verification runs at the capture example's sizes grown by this along every dynamic axis:
 # other sizes exercise the dynamic axes as well as larger ones would, and the reference's and
 # ONNX Runtime's multi-token runs cost in proportion to the tokens (6.7B: 27 tokens, not 55).
@@ -648,8 +651,8 @@ def _capture_and_stream(
             if name not in pieces[i]:
                 captures.append(_ray.Task(f"capture {prefix}{name}", function, args))
                 owners.append((i, name))
-    if fork is not None and len(captures) < 2:
-        fork.close()  # one capture or none: nothing for a second hand
+    if fork is not None and not _fork_pays(len(captures), sum(s.size for s in todo if not s.link_target)):
+        fork.close()
         fork = None
     remote = ray.spans_other_machines()  # a Ray this export may still start runs here alone
     file_shards = [s for s in todo if not s.from_memory and not s.link_target]
@@ -727,6 +730,15 @@ def _capture_and_stream(
     ]
     shard_results = dict(done) | {r.file: r for r in [*results[len(remote_captures) :], *local_results]}
     return programs, [shard_results[s.file] for s in plan.shards]
+
+
+def _fork_pays(captures: int, stream_bytes: int) -> bool:
+    """Whether the capture fork shortens this export: two pieces or more to capture, and a core
+    for it that the weight stream (`stream_bytes` to copy and hash) does not need. On 2 cores
+    two capture processes leave the writers (niced) next to nothing: a stream of more than
+    `FORK_MAX_STREAM_BYTES` is then the critical path, and the fork lengthens it."""
+    cores = os.cpu_count() or 1
+    return captures > 1 and (cores > 2 or (cores == 2 and stream_bytes <= FORK_MAX_STREAM_BYTES))
 
 
 def _cache_account(cache, keys: dict[str, str] | None, captured: set[str], plan: Plan) -> dict:
