@@ -104,15 +104,16 @@ class CaptureFork:
         if self.sent:
             with contextlib.suppress(OSError):
                 self.connection.send(None)
-        else:
-            self.process.terminate()
+        else:  # SIGKILL: the fork inherited this process's signal handlers, SIGTERM's included
+            self.process.kill()
         self.process.join()
         self.connection.close()
 
 
 @contextlib.contextmanager
 def spare_fork(wanted: bool, source_kind: str, opset: int | None) -> Iterator[CaptureFork | None]:
-    """A `CaptureFork` for the block (when `wanted`: captures may run here), closed after it."""
+    """A `CaptureFork` for this export's captures (when `wanted`: captures may run here), closed
+    after the block."""
     fork = CaptureFork.start(source_kind, opset) if wanted else None
     try:
         yield fork
@@ -128,6 +129,7 @@ def _serve(connection, source_kind: str, opset: int | None) -> None:
     handle: it lets the capture in flight finish, as its own capture thread does, then ends
     this process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the coordinator's handler (Ray's driver has one)
     torch.set_num_threads(1)  # the coordinator's OpenMP threads are not in this process
     with contextlib.suppress(Exception):  # only a head start: a capture reports its own errors
         warm_up(source_kind, opset)

@@ -86,4 +86,4 @@ def test_no_fork_where_none_is_wanted():
 def test_an_unused_fork_is_stopped_without_finishing_its_warm_up():
     fork = CaptureFork.start("hf", None)
     fork.close()
-    assert fork.process.exitcode == -signal.SIGTERM
+    assert fork.process.exitcode == -signal.SIGKILL
