@@ -308,6 +308,7 @@ def measure(results: Results, case: str, tool: str, fn) -> None:
         print(f"   {tool}: measured before, kept (--fresh measures again)", file=sys.stderr)
         return
     print(f"   {tool} ...", file=sys.stderr, flush=True)
+    os.sync()  # the previous measurement's dirty pages are written back now, not during this one
     try:
         value = fn()
         value = dataclasses.asdict(value) if isinstance(value, Measurement) else value
