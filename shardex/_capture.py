@@ -179,7 +179,7 @@ class _HoleModule(BlockStandIn, nn.Module):
         return merge_cache(self.call.unflatten_outputs(outputs), cache, self.cache_layer)
 
 
-def _equate_named_axes(model: nn.Module, example) -> torch.utils.hooks.RemovableHandle:
+def _equate_named_axes(model: nn.Module, example) -> None:
     """Tell the trace, as it enters `model`, that input axes sharing a name (the plan's
     ``dynamic_axes``: every layer's past length, the inputs' and the cache's batch) are one size.
     torch.export equates such dims only when the trace ends; until then each tensor carries
@@ -197,7 +197,7 @@ def _equate_named_axes(model: nn.Module, example) -> torch.utils.hooks.Removable
                 if known == shape[axis]:
                     torch._check(tensor.shape[axis] == size)
 
-    return model.register_forward_pre_hook(equate, with_kwargs=True)
+    model.register_forward_pre_hook(equate, with_kwargs=True)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -76,12 +77,8 @@ class CaptureFork:
             self.connection.send(task)
             ok, result = self.connection.recv()
         except Exception as e:  # pickling (e.g. a factory source's closure), or a lost fork
-            logger.debug(
-                "capture fork %d cannot run %s (%s); running it here", self.process.pid, task.label, e
-            )
-            self.close()
-            return FORK_LOST
-        if ok is None:  # the fork could not unpickle the task
+            ok, result = None, e
+        if ok is None:  # not sent, not received, or not unpickled in the fork
             logger.debug(
                 "capture fork %d cannot run %s (%s); running it here", self.process.pid, task.label, result
             )
@@ -135,25 +132,22 @@ def _serve(connection, source_kind: str, opset: int | None) -> None:
         warm_up(source_kind, opset)
     with contextlib.suppress(EOFError, OSError):  # the coordinator is gone: nobody to answer
         while True:
+            data = connection.recv_bytes()
             try:
                 with warnings.catch_warnings():  # torch's pytree deprecations, unpickling a plan's specs
                     warnings.simplefilter("ignore")
-                    task = connection.recv()
-            except (EOFError, OSError):
-                raise
+                    task = ForkingPickler.loads(data)
             except Exception as e:  # e.g. a module the task names is not importable here
                 connection.send((None, f"{type(e).__name__}: {e}"))
                 return
             if task is None:
                 return
             try:
-                reply = (True, task.fn(*task.args))
+                reply = ForkingPickler.dumps((True, task.fn(*task.args)))
             except Exception as e:
-                reply = (False, e)
-            try:
-                connection.send(reply)
-            except (EOFError, OSError):
-                raise
-            except Exception:  # an error that does not pickle (shardex's own do): its one line
-                error = CaptureError(f"{task.label}: {type(reply[1]).__name__}: {reply[1]}", piece=task.label)
-                connection.send((False, error))
+                try:
+                    reply = ForkingPickler.dumps((False, e))
+                except Exception:  # an error that does not pickle (shardex's own do): its one line
+                    error = CaptureError(f"{task.label}: {type(e).__name__}: {e}", piece=task.label)
+                    reply = ForkingPickler.dumps((False, error))
+            connection.send_bytes(reply)
