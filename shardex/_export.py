@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import contextvars
 import dataclasses
 import json
 import logging
@@ -139,7 +138,8 @@ def export(
     the output is byte-identical either way (see `_capture_cache`).
 
     Verification compares ONNX Runtime on the saved files with PyTorch, globally and block by
-    block; a generation export also decodes `verify_tokens` tokens greedily on both sides.
+    block; a generation export is checked by decoding through its cache: `verify_tokens` next-token
+    choices and their logits, ONNX Runtime's steps against PyTorch's one pass (`_generation`).
     Returns the stitched program; raises `VerificationError` (after writing everything, with
     the numbers in the manifest) when ONNX Runtime disagrees with PyTorch.
     """
@@ -371,7 +371,7 @@ def _verify_programs(
     beside_onnx: Callable[[], None] | None = None,
 ) -> VerificationReport:
     """Verify each file (its plan, memory tensors and function-form model; `inline`: the files
-    as saved are flat); an encoder-decoder's also decodes greedily through its three files.
+    as saved are flat); an encoder-decoder's also decodes through its three files.
     `beside_onnx` is called as ONNX Runtime's checks start (after the PyTorch reference)."""
     if len(programs) == 1:
         ((plan, memory, checked),) = programs
@@ -409,7 +409,7 @@ def _verify_programs(
     )
     if new_tokens:
         atol_, rtol_ = tolerances(compute_dtype(first), atol, rtol)
-        logger.info("verify: greedy decoding of %d tokens through the encoder and decoders", new_tokens)
+        logger.info("verify: decoding %d tokens through the encoder and decoders", new_tokens)
         report.generation = verify_seq2seq_generation(
             plans, memory, out, new_tokens, atol_, rtol_, needs_promotion(first)
         )
@@ -452,8 +452,8 @@ def verify(
     `factory` (the ``"package.module:function"`` to import) given here, and a checkpoint's own
     code runs only with `trust_remote_code` given here, whatever the manifest says.
     Example inputs come from the export (``inputs.safetensors``) unless `args`/`kwargs` are given;
-    a task's inputs are generated again. A generation export's greedy decoding is checked for
-    `verify_tokens` tokens (default: as many as at export). `capture_cache` serves the pieces an
+    a task's inputs are generated again. A generation export's decoding through its cache is checked
+    for `verify_tokens` tokens (default: as many as at export). `capture_cache` serves the pieces an
     inlined export's block checks need, as in `export`.
     """
     _check_run_options(workers, atol, rtol, verify_tokens)
@@ -908,79 +908,58 @@ def _verify(
     inline=False,
     beside_onnx: Callable[[], None] | None = None,
 ) -> VerificationReport:
-    """Reference run here (streamed), then ``model.onnx`` as saved in ONNX Runtime: the global
-    check, and for a generation export with `new_tokens` the greedy decoding (PyTorch's here
-    first, ONNX Runtime's steps then in the global check's pass over the weights), and one
-    check per block. On one machine the block checks ride on that same pass (a block's segment
-    runs its check), so every weight is read and upcast once for ONNX Runtime; on a cluster, or
-    for an inlined ``model.onnx`` (no block calls), they are tasks of their own, spread over
-    the nodes while PyTorch decodes. `program` is the stitched model in function form (before
-    any inlining): those tasks call its functions."""
+    """Reference run here (streamed), then ``model.onnx`` as saved in ONNX Runtime, and one
+    check per block. A generation export with `new_tokens` is verified by decoding through its
+    cache (`_generation`): PyTorch's one pass over a prompt and fed tokens is the reference of
+    every check. Otherwise the reference is one pass on the verification inputs. On one machine
+    the block checks ride on ONNX Runtime's pass (a block's segment runs its check), so every
+    weight is read and upcast once for ONNX Runtime; on a cluster, or for an inlined
+    ``model.onnx`` (no block calls), they are tasks of their own, spread over the nodes.
+    `program` is the stitched model in function form (before any inlining): those tasks call
+    its functions."""
     start = time.perf_counter()
     compute = compute_dtype(plan)
     atol_, rtol_ = tolerances(compute, atol, rtol)
     promote = needs_promotion(plan)
     inputs = plan.example.resized(VERIFY_GROWTH)  # other sizes than the capture's: dynamic axes are exercised
     riding = not inline and _ray.node_count() == 1
-    threads = None if riding else 1  # PyTorch has the cores to itself, or shares them with checks
-    logger.info("verify: running the PyTorch reference block by block")
+    decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
     try:
-        reference = reference_run(plan, memory, inputs, threads=threads)
+        if decode:
+            logger.info("verify: PyTorch on a prompt and %d fed token(s), block by block", new_tokens - 1)
+            generation = reference_generation(plan, memory, inputs, new_tokens)
+            recorded, shapes = generation.boundaries, generation.input_shapes
+        else:
+            logger.info("verify: running the PyTorch reference block by block")
+            reference = reference_run(plan, memory, inputs)
+            recorded, shapes = reference.boundaries, [list(t.shape) for t in inputs.flat_tensors()]
     except ShardexError:
         raise
     except Exception as e:  # the model's own code failed on the verification inputs
         first = (str(e).strip().splitlines() or [""])[0]
         raise ShardexError(f"the PyTorch reference run failed: {type(e).__name__}: {first}") from e
-    block_tasks = (
-        [] if riding else _block_tasks(plan, program, reference.boundaries, promote, out, atol_, rtol_)
+    block_tasks = [] if riding else _block_tasks(plan, program, recorded, promote, out, atol_, rtol_)
+    boundaries = recorded if riding else {}
+    and_blocks = " and blocks" if riding else ""
+    if decode:
+        args = (plan, out, generation, atol_, rtol_, promote, boundaries)
+        saved = _ray.Task("verify global, generation" + and_blocks, verify_saved_model, args, gpu=True)
+    else:
+        args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote, None, boundaries)
+        saved = _ray.Task("verify global" + and_blocks, verify_global, args, gpu=True)
+    logger.info("verify: ONNX Runtime on %s (%s)", plan.model_file, saved.label.removeprefix("verify "))
+    if beside_onnx is not None:
+        beside_onnx()
+    results = _ray.run_tasks(
+        [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
     )
-    boundaries = reference.boundaries if riding else {}
-    decode = bool(new_tokens) and plan.task == TEXT_GENERATION_WITH_PAST
-    global_args = (plan, out, inputs, reference.outputs, atol_, rtol_, promote)
-    blocks_future = None
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as background:
-        if decode and block_tasks and workers != 1:  # the block checks run on Ray while PyTorch decodes
-            blocks_future = background.submit(
-                contextvars.copy_context().run,
-                _ray.run_tasks,
-                block_tasks,
-                max_in_flight=workers - 1 if workers else None,
-                on_done=_log_verified,
-                cpus_per_task=cpus_per_task,
-            )
-            block_tasks = []
-        generation = None
-        if decode:
-            logger.info("verify: PyTorch greedy decoding of %d tokens", new_tokens)
-            generation = reference_generation(plan, memory, new_tokens, threads=threads)
-            saved = _ray.Task(
-                "verify global, generation" + (" and blocks" if riding else ""),
-                verify_saved_model,
-                (*global_args[:4], generation, *global_args[4:], boundaries),
-                gpu=True,
-            )
-        else:
-            label = "verify global" + (" and blocks" if riding else "")
-            saved = _ray.Task(label, verify_global, (*global_args, None, boundaries), gpu=True)
-        if blocks_future is not None:  # the saved model's pass after them: never a block's and
-            group_checks = blocks_future.result()  # a segment's weights in memory at once
-            reference.boundaries.clear()
-        logger.info("verify: ONNX Runtime on %s (%s)", plan.model_file, saved.label.removeprefix("verify "))
-        if beside_onnx is not None:
-            beside_onnx()
-        results = _ray.run_tasks(
-            [saved, *block_tasks], max_in_flight=workers, on_done=_log_verified, cpus_per_task=cpus_per_task
-        )
-        global_checks, *rest = results[0]
-        generation_check = rest[0] if generation is not None else None
-        if blocks_future is None:
-            group_checks = [rest[-1], *results[1:]]
+    global_checks, *rest = results[0]
+    generation_check = rest[0] if decode else None
+    blocks = [check for checks in [rest[-1], *results[1:]] for check in checks]
     runtime = (
         f"{plan.model_file} as saved in ONNX Runtime {providers()[0]}, PyTorch on {reference_device().type}"
     )
     method = f"float32-promoted graph, {runtime}" if promote else runtime
-    shapes = [list(t.shape) for t in inputs.flat_tensors()]
-    blocks = [check for checks in group_checks for check in checks]
     report = VerificationReport(
         method, dtype_name(compute), shapes, global_checks, blocks, generation=generation_check
     )

@@ -157,8 +157,8 @@ def _verification_lines(verification: dict | None) -> list[str]:
     if generation:
         verdict = "equal" if generation["tokens_equal"] else "DIFFER"
         lines.append(
-            f"              generation: {generation['new_tokens']} greedy tokens {verdict} "
-            f"(batch {len(generation['torch_tokens'])}, one row left-padded); prefill logits "
+            f"              generation: {generation['new_tokens']} next-token choices through the cache "
+            f"{verdict} (batch {len(generation['torch_tokens'])}, one row left-padded); prompt logits "
             f"{_diffs(generation['prefill'])}; decode logits {_diffs(generation['decode'])}"
         )
     if verification["shard_hash_mismatches"]:
@@ -279,9 +279,10 @@ def _verification_html(verification: dict | None) -> str:
             else "<span class='fail'>differ</span>"
         )
         parts.append(
-            f"<p>Greedy generation of {generation['new_tokens']} tokens through the KV cache (a prompt "
-            f"with an empty past, then one token per step; ONNX Runtime fed PyTorch's tokens): tokens "
-            f"{verdict}.</p>"
+            f"<p>Decoding through the KV cache, {generation['new_tokens']} next-token choices (ONNX "
+            f"Runtime: a prompt with an empty past, then one token, then the other fed tokens at once, "
+            f"each step's past the presents of the one before; PyTorch: one pass over the same "
+            f"sequence): choices {verdict}.</p>"
         )
         rows = [
             [f"row {i}", " ".join(map(str, t)), " ".join(map(str, o))]

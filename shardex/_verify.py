@@ -19,7 +19,6 @@ stored weight bit; it does not measure the rounding a native low-precision runti
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -360,10 +359,7 @@ class StreamedReference:
     while it runs (memory ~ trunk + one block); callable any number of times. With `record`,
     the last call's block boundaries (hole form) are in `boundaries`."""
 
-    def __init__(
-        self, plan: Plan, memory: dict[str, torch.Tensor], *, record: bool = True, threads: int | None = 1
-    ) -> None:
-        self.threads = threads
+    def __init__(self, plan: Plan, memory: dict[str, torch.Tensor], *, record: bool = True) -> None:
         self.compute = compute_dtype(plan)
         self.device = reference_device()
         loader = _WeightLoader(plan, memory, self.compute, self.device)
@@ -397,31 +393,13 @@ class StreamedReference:
             return t.to(self.device, self.compute) if t.is_floating_point() else t.to(self.device)
 
         args, kwargs = pytree.tree_map_only(torch.Tensor, to_device, (args, kwargs))
-        with torch.no_grad(), export_state(), _cpu_threads(self.device, self.threads):
+        with torch.no_grad(), export_state():
             return torch.func.functional_call(self.model, self.state, args, kwargs)
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, count: int | None):
-    """PyTorch on `count` CPU threads (None: as set). One where other work runs beside the
-    reference (block checks on this machine): streamed weights come in many small products,
-    each a parallel region whose threads wait on each other, and a core busy elsewhere stalls
-    every region; one thread never waits."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def reference_run(
-    plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs, *, threads: int | None = 1
-) -> ReferenceRun:
-    """Run the PyTorch model on `inputs`, streaming block weights (memory ~ trunk + one block),
-    on `threads` CPU threads (`_cpu_threads`)."""
-    reference = StreamedReference(plan, memory, threads=threads)
+def reference_run(plan: Plan, memory: dict[str, torch.Tensor], inputs: ExampleInputs) -> ReferenceRun:
+    """Run the PyTorch model on `inputs`, streaming block weights (memory ~ trunk + one block)."""
+    reference = StreamedReference(plan, memory)
     output = reference(inputs.args, inputs.kwargs)
     run = ReferenceRun(_flat_numpy(output), reference.boundaries)
     del reference, output

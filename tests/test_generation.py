@@ -4,6 +4,9 @@ model's recurrent state as its cache (Mamba)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -74,10 +77,9 @@ def test_greedy_tokens_equal_transformers(tmp_path, family):
 
     manifest = shardex.load_manifest(out)
     assert manifest["verification"]["passed"]
-    generation = manifest["verification"]["generation"]  # shardex's own check: same tokens, 8 by default
-    assert (
-        generation["tokens_equal"] and generation["new_tokens"] == 8 and len(generation["torch_tokens"]) == 2
-    )
+    generation = manifest["verification"]["generation"]  # shardex's own check: 8 choices through the cache
+    assert generation["tokens_equal"] and generation["new_tokens"] == 8
+    assert [len(row) for row in generation["torch_tokens"]] == [8, 8, 8]  # 3 prompts, one left-padded
     proto = onnx.load(out / "model.onnx", load_external_data=False)
     layers = model.config.num_hidden_layers
     # one function per distinct layer (Gemma 2: its sliding and its global layers) ...
@@ -96,6 +98,37 @@ def test_greedy_tokens_equal_transformers(tmp_path, family):
         actual = greedy_onnx(out / "model.onnx", ids, mask, 16)
         assert same_greedy_tokens(actual, expected), (actual.tolist(), expected)
         assert sum(map(len, expected)) >= 8 * batch  # most rows decode well past the prompt
+
+
+def test_a_present_the_steps_misread_fails_decoding_not_the_prompt(tmp_path):
+    """shardex's generation check runs ONNX Runtime through its cache (prompt, one token, the
+    rest) against PyTorch's one pass over the same sequence. A present that comes out wrong (here
+    scaled, as a wrong layout or offset would spoil it) leaves the prompt's logits and every block
+    right, and fails the decode positions, which read it back as their past, and that output."""
+    ckpt = save_hf(build("llama"), tmp_path / "ckpt")
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, verify=False)
+    proto = onnx.load(out / "model.onnx", load_external_data=False)
+    (producer,) = [n for n in proto.graph.node if "present.0.key" in n.output]
+    producer.output[list(producer.output).index("present.0.key")] = "present.0.key.unscaled"
+    half = onnx.helper.make_tensor("half", onnx.TensorProto.FLOAT, [], [0.5])
+    proto.graph.initializer.append(half)
+    proto.graph.node.append(
+        onnx.helper.make_node("Mul", ["present.0.key.unscaled", "half"], ["present.0.key"])
+    )
+    onnx.save(proto, out / "model.onnx")
+    manifest = json.loads((out / "manifest.json").read_text())  # as if the exporter wrote it so
+    manifest["model"]["sha256"] = hashlib.sha256((out / "model.onnx").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(shardex.VerificationError) as caught:
+        shardex.verify(out)
+
+    failed = {c.name for c in caught.value.failures}
+    generation = shardex.load_manifest(out)["verification"]["generation"]
+    assert generation["prefill"]["passed"] and not generation["decode"]["passed"]
+    assert "output:present.0.key" in failed and "output:present.0.value" not in failed
+    assert not any(name.startswith("model.layers.") for name in failed)
 
 
 def test_text_generation_task_has_no_cache(tmp_path):
@@ -202,7 +235,7 @@ def test_state_space_state_is_the_cache(tmp_path, family):
 def test_streamed_weights_give_the_loaded_reference(tmp_path, monkeypatch, family):
     """The CPU reference streams its large 2-D weights (rows read where F.linear/F.embedding use
     them, a chunk at a time; any other use, GPT-2's Conv1D addmm, loads the weight): outputs,
-    block boundaries and greedy tokens equal those of loaded weights. Tied embeddings included."""
+    block boundaries and the generation pass equal those of loaded weights. Tied embeddings included."""
     from shardex import _verify
     from shardex._generation import reference_generation
     from shardex._plan import make_plan
@@ -224,7 +257,7 @@ def test_streamed_weights_give_the_loaded_reference(tmp_path, monkeypatch, famil
         monkeypatch.setattr(_verify, "STREAM_MIN_BYTES", 0 if stream else 1 << 60)
         monkeypatch.setattr(_verify, "STREAM_CHUNK_BYTES", 3000)  # several chunks per weight
         run = _verify.reference_run(plan, memory, inputs)
-        return run, reference_generation(plan, memory, 4)
+        return run, reference_generation(plan, memory, inputs, 4)
 
     rows = []
     monkeypatch.setattr(
@@ -236,7 +269,9 @@ def test_streamed_weights_give_the_loaded_reference(tmp_path, monkeypatch, famil
     assert not rows
     streamed, streamed_tokens = reference(stream=True)
     assert rows  # weights were streamed
-    np.testing.assert_array_equal(streamed_tokens.tokens, loaded_tokens.tokens)
+    np.testing.assert_array_equal(streamed_tokens.logits.argmax(-1), loaded_tokens.logits.argmax(-1))
+    for name, value in loaded_tokens.outputs.items():  # the generation pass: logits and cache
+        np.testing.assert_allclose(streamed_tokens.outputs[name], value, rtol=1e-5, atol=1e-6)
     for a, b in zip(streamed.outputs, loaded.outputs, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for path, (inputs_, outputs) in loaded.boundaries.items():

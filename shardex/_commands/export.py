@@ -183,8 +183,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=8,
         metavar="N",
-        help="for a generation export, also decode N tokens greedily through the KV cache in PyTorch and "
-        "ONNX Runtime and require the same tokens (default: 8; 0 skips it)",
+        help="for a generation export, also decode through the KV cache: ONNX Runtime's steps (a prompt, "
+        "one token, the rest at once) must pick PyTorch's next token at N positions, with its logits "
+        "(default: 8; 0 skips it)",
     )
     check.add_argument(
         "--atol",

@@ -61,7 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--verify-tokens",
         type=int,
         metavar="N",
-        help="for a generation export, greedy tokens to decode in both runtimes (default: as at export; 0 skips)",
+        help="for a generation export, tokens to decode through the cache in both runtimes "
+        "(default: as at export; 0 skips)",
     )
     add_ray_flags(parser)
     add_output_flags(
