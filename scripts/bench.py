@@ -12,7 +12,7 @@ time and peak memory (PSS summed over every process it started, sampled every 50
   shardex cold  `shardex export CKPT OUT --no-verify` with an empty capture cache
   shardex logits  `--task text-generation` (no KV cache), cold: what the cache costs to export
   shardex warm  shardex cold again with the pieces cached (a re-export, a fine-tune, a zoo member)
-  verify        `shardex verify OUT` on that export (8 greedy tokens, per-block checks, hashes)
+  verify        `shardex verify OUT` on that export (8 tokens through the cache, per-block checks, hashes)
 
 plus, where a case asks for it, the runtime speed of the builder's output and shardex's
 (prefill latency of 128 tokens, decode tokens/s over 64, 2 threads: bench_builder.runtime_speed),
