@@ -185,7 +185,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="for a generation export, also decode through the KV cache: ONNX Runtime's steps (a prompt, "
         "one token, the rest at once) must pick PyTorch's next token at N positions, with its logits "
-        "(default: 8; 0 skips it)",
+        "(default: 8; 1 runs the prompt alone, feeding no cache back; 0 skips it)",
     )
     check.add_argument(
         "--atol",
