@@ -177,8 +177,9 @@ def export(
             ) as ray,
             _ray.recording() as records,
             ProcessTreeSampler() as memory_sampler,
-            # Forked before planning, so that it warms up for captures meanwhile.
-            spare_fork(not ray.joins, src.kind, options["opset"]) as fork,
+            # Forked before planning, so that it warms up for captures meanwhile; a second hand,
+            # so not where one task at a time was asked for.
+            spare_fork(not ray.joins and workers != 1, src.kind, options["opset"]) as fork,
         ):
             with _stage(timings, "plan"):
                 module = source if isinstance(source, nn.Module) else None

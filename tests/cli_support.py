@@ -3,6 +3,7 @@ zoo (Llama, GPT-2 and the plain-torch factory model are in tests/models.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,33 @@ def shardex(*args, timeout: float = 300) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
+
+
+def export_without_ray(ckpt, out, *flags: str) -> subprocess.CompletedProcess:
+    """`shardex export CKPT OUT --no-verify -q FLAGS` with no Ray to join (no ``RAY_ADDRESS``):
+    the coordinator captures with its thread and its fork, as on a user's machine."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "shardex", "export", ckpt, out, "--no-verify", "-q", *flags]
+    return subprocess.run(
+        [*map(os.fspath, command)], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+def coordinator_capture_hands(out) -> set[int]:
+    """The threads of the coordinator's row of OUT/timeline.json that captured pieces (its
+    fork's captures are recorded there, on a thread of their own)."""
+    with open(Path(out) / "timeline.json") as f:
+        events = json.load(f)["traceEvents"]
+    coordinator = next(
+        e["pid"]
+        for e in events
+        if e["name"] == "process_name" and e["args"]["name"].startswith("coordinator")
+    )
+    return {
+        e["tid"]
+        for e in events
+        if e["ph"] == "X" and e["name"].startswith("capture ") and e["pid"] == coordinator
+    }
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:

@@ -14,6 +14,8 @@ from shardex import _ray
 from shardex._errors import CaptureError
 from shardex._export import _CapturesHere
 from shardex._fork import FORK_LOST, CaptureFork, spare_fork
+from tests import models
+from tests.cli_support import coordinator_capture_hands, export_without_ray
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the capture fork is Linux-only")
 
@@ -87,3 +89,12 @@ def test_an_unused_fork_is_stopped_without_finishing_its_warm_up():
     fork = CaptureFork.start("hf", None)
     fork.close()
     assert fork.process.exitcode == -signal.SIGKILL
+
+
+def test_one_worker_asked_for_means_no_fork(tmp_path):
+    """`--workers 1` is one task at a time: the coordinator captures the trunk and the block
+    itself, one after the other, and starts no fork beside it."""
+    ckpt = models.make_llama(tmp_path / "ckpt", layers=2)
+    done = export_without_ray(ckpt, tmp_path / "out", "--workers", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(coordinator_capture_hands(tmp_path / "out")) == 1

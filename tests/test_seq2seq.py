@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -23,6 +21,7 @@ import pytest
 
 import shardex
 from tests.architectures import BY_NAME
+from tests.cli_support import coordinator_capture_hands, export_without_ray
 from tests.onnx_support import session
 from tests.runtime_runner import hf_seq2seq_greedy
 from tests.runtimes import requires_runtime, run_in_runtime
@@ -136,29 +135,9 @@ def test_captures_shared_by_the_coordinator_and_its_fork_give_the_same_files(exp
     fixture's export, captured on Ray workers only."""
     _, ckpt, out, _, _ = exported
     other = tmp_path / "onnx"
-    script = "import sys, shardex\nshardex.export(sys.argv[1], sys.argv[2], verify=False)\n"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    done = subprocess.run(
-        [sys.executable, "-c", script, os.fspath(ckpt), os.fspath(other)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    done = export_without_ray(ckpt, other)
     assert done.returncode == 0, done.stderr[-2000:]
-    with open(other / "timeline.json") as f:
-        events = json.load(f)["traceEvents"]
-    coordinator = next(
-        e["pid"]
-        for e in events
-        if e["name"] == "process_name" and e["args"]["name"].startswith("coordinator")
-    )
-    hands = {
-        e["tid"]
-        for e in events
-        if e["ph"] == "X" and e["name"].startswith("capture ") and e["pid"] == coordinator
-    }
-    assert len(hands) == 2, events  # the coordinator's capture thread and its fork
+    assert len(coordinator_capture_hands(other)) == 2  # the coordinator's capture thread and its fork
 
     def digests(directory):
         names = sorted(n for n in os.listdir(directory) if n.endswith((".onnx", ".data")))
