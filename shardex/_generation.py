@@ -122,6 +122,13 @@ def _fed_tokens(ids: np.ndarray, count: int) -> np.ndarray:
     return np.tile(backwards, (1, -(-count // backwards.shape[1])))[:, :count].astype(np.int64)
 
 
+def _left_padded_mask(ids: np.ndarray) -> np.ndarray:
+    """The attention mask of `ids` with the last row's first `LEFT_PADDING` tokens as padding."""
+    mask = np.ones_like(ids)
+    mask[-1, :LEFT_PADDING] = 0
+    return mask
+
+
 def _positions(attention_mask: np.ndarray) -> np.ndarray:
     """Position ids as transformers derives them from a left-padded mask (pads at 1)."""
     positions = np.cumsum(attention_mask, -1) - 1
@@ -149,8 +156,7 @@ def reference_generation(
     block."""
     prompt_ids = _to_numpy(inputs.kwargs["input_ids"]).astype(np.int64)
     ids = np.concatenate([prompt_ids, _fed_tokens(prompt_ids, new_tokens - 1)], axis=1)
-    mask = np.ones_like(ids)
-    mask[-1, :LEFT_PADDING] = 0
+    mask = _left_padded_mask(ids)
     reference = StreamedReference(plan, memory)
     compute = reference.compute
     kwargs = {
@@ -209,19 +215,18 @@ def generation_steps(plan: Plan, reference: GenerationReference, promote: bool) 
 
 
 def generation_check(
-    reference: GenerationReference, step_logits: list[np.ndarray], atol: float, rtol: float
+    reference: GenerationReference, logits: np.ndarray, atol: float, rtol: float
 ) -> GenerationCheck:
     """ONNX Runtime's logits of every step (concatenated, the whole sequence) against PyTorch's
     one pass: at the prompt's real positions, at the fed positions, and the next-token choice at
     each of the `new_tokens` positions (the prompt's last and every fed token's)."""
-    logits = np.concatenate(step_logits, axis=1)
     prompt, expected = reference.prompt, reference.logits
     if logits.shape != expected.shape:
         return failed_generation(reference, compare("generation: logits", logits, expected, atol, rtol))
-    real = reference.attention_mask[:, :prompt].astype(bool)
-    prefill = compare(
-        "generation: prompt logits", logits[:, :prompt][real], expected[:, :prompt][real], atol, rtol
+    in_prompt = _at_real_positions(
+        logits[:, :prompt], expected[:, :prompt], reference.attention_mask[:, :prompt]
     )
+    prefill = compare("generation: prompt logits", *in_prompt, atol, rtol)
     decode = compare(
         f"generation: decode logits ({expected.shape[1] - prompt} positions through the cache)",
         logits[:, prompt:],
@@ -291,8 +296,8 @@ def verify_saved_model(
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
         failure = runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)
         return [failure], failed_generation(reference, failure), []
-    step_logits = [o["logits"] for o in step_outputs]
-    final = step_outputs[-1] | {"logits": np.concatenate(step_logits, axis=1)}
+    logits = np.concatenate([o["logits"] for o in step_outputs], axis=1)
+    final = step_outputs[-1] | {"logits": logits}
     checks = []
     for name in runner.output_names:
         expected = reference.outputs.get(name)
@@ -303,7 +308,7 @@ def verify_saved_model(
             continue
         actual, expected = _at_real_positions(final[name], expected, reference.attention_mask)
         checks.append(compare(f"output:{name}", actual, expected, atol, rtol))
-    generated = generation_check(reference, step_logits, atol, rtol)
+    generated = generation_check(reference, logits, atol, rtol)
     return checks, generated, block_checks(blocks, boundaries, atol, rtol)
 
 
@@ -360,7 +365,8 @@ def verify_seq2seq_generation(
         later = runner("decoder_with_past").run_steps(steps) if steps else []
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
         return failed_generation(reference, runtime_failure(f"the decoders in {output_dir}", e, atol, rtol))
-    return generation_check(reference, [first["logits"], *(o["logits"] for o in later)], atol, rtol)
+    logits = np.concatenate([first["logits"], *(o["logits"] for o in later)], axis=1)
+    return generation_check(reference, logits, atol, rtol)
 
 
 def _encoder_prompt(plan: Plan) -> dict[str, np.ndarray]:
@@ -369,9 +375,7 @@ def _encoder_prompt(plan: Plan) -> dict[str, np.ndarray]:
     if "input_ids" not in plan.input_names:
         return {name: _to_numpy(t)[:2] for name, t in zip(plan.input_names, plan.example.flat_tensors())}
     ids = _to_numpy(plan.example.kwargs["input_ids"])[:2].astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[-1, :LEFT_PADDING] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+    return {"input_ids": ids, "attention_mask": _left_padded_mask(ids)}
 
 
 def _decoder_start(plan: Plan) -> int:
