@@ -40,7 +40,9 @@ from shardex._verify import (
     StreamedReference,
     _flat_numpy,
     _to_numpy,
+    at_real_positions,
     block_checks,
+    chained_block_check,
     compare,
     release_freed_memory,
     runtime_failure,
@@ -223,7 +225,7 @@ def generation_check(
     prompt, expected = reference.prompt, reference.logits
     if logits.shape != expected.shape:
         return failed_generation(reference, compare("generation: logits", logits, expected, atol, rtol))
-    in_prompt = _at_real_positions(
+    in_prompt = at_real_positions(
         logits[:, :prompt], expected[:, :prompt], reference.attention_mask[:, :prompt]
     )
     prefill = compare("generation: prompt logits", *in_prompt, atol, rtol)
@@ -251,24 +253,6 @@ def generation_check(
     return check
 
 
-def _at_real_positions(
-    actual: np.ndarray, expected: np.ndarray, attention_mask: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """An output's values at the real (unpadded) positions: logits [batch, sequence, vocab]
-    and keys or values [batch, heads, sequence, head dim]. A padded position attends to nothing,
-    and what a model computes there (a fully masked softmax) depends on the sequence's length,
-    so it differs between one pass and the steps; no real position ever reads it. Anything
-    else (a state-space model's state) is compared whole."""
-    real = attention_mask.astype(bool)
-    if actual.shape != expected.shape:
-        return actual, expected  # `compare` reports the shapes
-    if expected.ndim == 3 and expected.shape[:2] == real.shape:
-        return actual[real], expected[real]
-    if expected.ndim == 4 and (expected.shape[0], expected.shape[2]) == real.shape:
-        return np.moveaxis(actual, 2, 1)[real], np.moveaxis(expected, 2, 1)[real]
-    return actual, expected
-
-
 def failed_generation(reference: GenerationReference, failure: CheckResult) -> GenerationCheck:
     """The generation check when ONNX Runtime could not run the steps at all."""
     tokens = reference.logits[:, reference.prompt - 1 :].argmax(-1).tolist()
@@ -292,7 +276,8 @@ def verify_saved_model(
     boundaries = boundaries or {}
     runner = SavedModelRunner(output_dir, promote, model_file=plan.model_file, block_paths=list(boundaries))
     try:
-        step_outputs, blocks = runner.run(generation_steps(plan, reference, promote), boundaries)
+        chained = chained_block_check(boundaries, atol, rtol, reference.attention_mask)
+        step_outputs, blocks = runner.run(generation_steps(plan, reference, promote), boundaries, chained)
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
         failure = runtime_failure(f"{MODEL_FILE} in {output_dir}", e, atol, rtol)
         return [failure], failed_generation(reference, failure), []
@@ -306,7 +291,7 @@ def verify_saved_model(
                 CheckResult(f"output:{name} (PyTorch has none)", math.inf, math.inf, atol, rtol, False)
             )
             continue
-        actual, expected = _at_real_positions(final[name], expected, reference.attention_mask)
+        actual, expected = at_real_positions(final[name], expected, reference.attention_mask)
         checks.append(compare(f"output:{name}", actual, expected, atol, rtol))
     generated = generation_check(reference, logits, atol, rtol)
     return checks, generated, block_checks(blocks, boundaries, atol, rtol)

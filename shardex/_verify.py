@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -572,7 +573,8 @@ def verify_global(
         output_dir, promote, max_session_bytes, model_file=plan.model_file, block_paths=list(boundaries)
     )
     try:
-        (outputs,), blocks = runner.run([global_step(runner, inputs, promote)], boundaries)
+        chained = chained_block_check(boundaries, atol, rtol)
+        (outputs,), blocks = runner.run([global_step(runner, inputs, promote)], boundaries, chained)
     except Exception as e:  # ONNX Runtime's errors are plain Exceptions
         return [runtime_failure(f"{plan.model_file} in {output_dir}", e, atol, rtol)], []
     return global_checks(runner, outputs, reference, atol, rtol), block_checks(blocks, boundaries, atol, rtol)
@@ -640,13 +642,17 @@ class SavedModelRunner:
     def run_steps(self, steps: list[Step]) -> list[dict[str, np.ndarray]]:
         return self.run(steps, {})[0]
 
-    def run(self, steps: list[Step], boundaries: dict) -> tuple[list[dict[str, np.ndarray]], dict]:
+    def run(
+        self, steps: list[Step], boundaries: dict, chained: ChainedCheck | None = None
+    ) -> tuple[list[dict[str, np.ndarray]], dict]:
         """Every step's outputs by name, steps in order (a step's carried inputs come from the
         one before; each session is opened once for all the steps), and each checked block's
         outputs on its recorded inputs (`boundaries`: path -> (inputs, outputs)), or the error
-        ONNX Runtime raised for it, by path."""
+        ONNX Runtime raised for it, by path. Where the graph runs in segments, a block that
+        `chained` passes on its outputs in the steps themselves is not run again: its entry is
+        that check."""
         if self.segments is not None:
-            return self.segments.run(steps, boundaries)
+            return self.segments.run(steps, boundaries, chained)
         sess = session(self.path)
         results: list[dict[str, np.ndarray]] = []
         previous: dict[str, np.ndarray] = {}
@@ -714,10 +720,12 @@ class _SegmentedRunner:
         self.outputs = {v.name: (_dims(v), v.dtype.numpy()) for v in graph.outputs if v.dtype is not None}
         self.upcasts = upcasts
 
-    def run(self, steps: list[Step], boundaries: dict) -> tuple[list[dict[str, np.ndarray]], dict]:
-        blocks: dict[str, list[np.ndarray] | Exception] = {}
+    def run(
+        self, steps: list[Step], boundaries: dict, chained: ChainedCheck | None
+    ) -> tuple[list[dict[str, np.ndarray]], dict]:
+        blocks: dict[str, list[np.ndarray] | Exception | CheckResult] = {}
         try:
-            return self._run_segment_major(steps, boundaries, blocks), blocks
+            return self._run_segment_major(steps, boundaries, blocks, chained), blocks
         except _NeedsStepOrder as e:
             logger.info("verify: %s; running the steps one after the other", e)
         results: list[dict[str, np.ndarray]] = []
@@ -726,13 +734,13 @@ class _SegmentedRunner:
             wanted = list(dict.fromkeys([*(step.outputs or self.output_names), *carried]))
             feeds = step.feeds | {i: results[-1][o] for i, o in step.carried.items()}
             checked = boundaries if t == 0 else {}
-            results.append(self._run_segment_major([Step(feeds, {}, wanted)], checked, blocks)[0])
+            results.append(self._run_segment_major([Step(feeds, {}, wanted)], checked, blocks, None)[0])
         return [
             {n: r[n] for n in step.outputs or self.output_names} for step, r in zip(steps, results)
         ], blocks
 
     def _run_segment_major(
-        self, steps: list[Step], boundaries: dict, blocks: dict
+        self, steps: list[Step], boundaries: dict, blocks: dict, chained: ChainedCheck | None
     ) -> list[dict[str, np.ndarray]]:
         envs = [dict(step.feeds) for step in steps]
         stand_ins: dict[tuple[int, str], tuple[int, ...]] = {}  # (step, carried output) -> shape given
@@ -761,7 +769,13 @@ class _SegmentedRunner:
                     if given is not None and tuple(env[output].shape) != given:
                         raise _NeedsStepOrder(f"{output} has shape {env[output].shape}, declared {given}")
             if segment.block in boundaries:
-                blocks[segment.block] = segment.check(sess, boundaries[segment.block][0])
+                path = segment.block
+                along = (
+                    chained(path, [[env[n] for n in segment.output_names] for env in envs])
+                    if chained
+                    else None
+                )
+                blocks[path] = along if along is not None else segment.check(sess, boundaries[path][0])
             self.upcasts.release(sess)  # its weights go before the next segment's come
             del sess
             release_freed_memory()
@@ -839,6 +853,9 @@ class _StoredWeight:
     shape: tuple[int, ...]
 
 
+_WRITTEN_UPCAST_BYTES = 4096  # upcast weights up to this size go into the segment's model
+
+
 class _Segment:
     """A run of main-graph nodes as a standalone model over the file's own weight references.
     A segment that is one block call (`block`: its path) keeps every output of the call, and
@@ -898,13 +915,22 @@ class _Segment:
 
     def open(self, feeds: dict[str, np.ndarray], upcasts: _Upcasts, *, basic: bool = False):
         """A session on this segment, its input types taken from the arrays fed (promotion
-        changed some), its weights resolved in `upcasts`' export directory."""
+        changed some), its weights resolved in `upcasts`' export directory. Upcast weights are
+        given to ONNX Runtime as values, except small ones, written into the model: its graph
+        optimizers read a small constant (Gemma's scalar ``embed_scale``) from the model itself,
+        before any given value replaces it, and failed on a float32 declaration over 2 stored
+        bytes."""
         for value_info in self.proto.graph.input:
             value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
                 feeds[value_info.name].dtype
             )
+        given = upcasts.values(self.upcast)
+        for proto in self.proto.graph.initializer:
+            value = given.get(proto.name)
+            if value is not None and value.nbytes <= _WRITTEN_UPCAST_BYTES:
+                proto.CopyFrom(onnx.numpy_helper.from_array(given.pop(proto.name).numpy(), proto.name))
         model = self.proto.SerializeToString()
-        return session(model, upcasts.output_dir, basic=basic, initializers=upcasts.values(self.upcast))
+        return session(model, upcasts.output_dir, basic=basic, initializers=given)
 
     def block_feeds(self, data: list[np.ndarray]) -> dict[str, np.ndarray]:
         """The block call's inputs from `data`, its recorded inputs in call order."""
@@ -1029,7 +1055,9 @@ def run_blocks(segments: dict[str, _Segment], boundaries: dict, upcasts: _Upcast
 
 
 def block_checks(outputs: dict, boundaries: dict, atol: float, rtol: float) -> list[CheckResult]:
-    """Each checked block's worst output against PyTorch's, in the order of `boundaries`."""
+    """Each checked block's worst output against PyTorch's, in the order of `boundaries`
+    (`outputs`: path -> its outputs on the recorded inputs, the error ONNX Runtime raised, or
+    the passing check of its outputs in the steps, `chained_block_check`)."""
     results = []
     for path, (_, expected) in boundaries.items():
         actual = outputs.get(path)
@@ -1038,11 +1066,84 @@ def block_checks(outputs: dict, boundaries: dict, atol: float, rtol: float) -> l
         if isinstance(actual, Exception):
             results.append(runtime_failure(f"block {path}", actual, atol, rtol))
             continue
-        checks = [compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)]
-        worst = max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
+        if isinstance(actual, CheckResult):
+            worst = actual
+        else:
+            worst = _worst([compare(path, a, e, atol, rtol) for a, e in zip(actual, expected)])
         results.append(worst)
         logger.info("verified block %s: max abs diff %.3g", path, worst.max_abs_diff)
     return results
+
+
+def _worst(checks: list[CheckResult]) -> CheckResult:
+    return max(checks, key=lambda c: (not c.passed, c.max_abs_diff))
+
+
+# A block's outputs in every step (step-major) -> its passing check, or None to run it again on
+# its recorded inputs.
+ChainedCheck = Callable[[str, list[list[np.ndarray]]], CheckResult | None]
+
+
+def chained_block_check(
+    boundaries: dict, atol: float, rtol: float, attention_mask: np.ndarray | None = None
+) -> ChainedCheck:
+    """Checks a block on what it computed inside the steps (its inputs ONNX Runtime's own, from
+    the blocks before it) against PyTorch's recorded outputs of the same positions: the steps'
+    outputs laid end to end along the sequence, or the last step's where it has the recorded
+    shape (a cache or state after the last token); with `attention_mask` (the whole sequence's),
+    at its real positions only (`at_real_positions`). A passing block needs no run of its own;
+    a failing one, or one whose outputs do not line up so, is run on its recorded inputs, which
+    tells its own error from one it was fed. Memory-bound on CPU, that run cost as much as a
+    step (6.6 s of 28 at 6.7B)."""
+
+    def check(path: str, per_step: list[list[np.ndarray]]) -> CheckResult | None:
+        expected = boundaries[path][1]
+        if any(len(outputs) != len(expected) for outputs in per_step):
+            return None
+        checks = []
+        for index, want in enumerate(expected):
+            got = _whole_sequence([outputs[index] for outputs in per_step], want.shape)
+            if got is None:
+                return None
+            if attention_mask is not None:
+                got, want = at_real_positions(got, want, attention_mask)
+            checks.append(compare(path, got, want, atol, rtol))
+        worst = _worst(checks)
+        return worst if worst.passed else None
+
+    return check
+
+
+def _whole_sequence(per_step: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray | None:
+    """One output over the steps' whole sequence: the last step's where it has `shape`, else
+    the steps' concatenated along the one axis they split, else None."""
+    if per_step[-1].shape == shape:
+        return per_step[-1]
+    for axis in range(len(shape)):
+        rest = shape[:axis] + shape[axis + 1 :]
+        if all(a.ndim == len(shape) and a.shape[:axis] + a.shape[axis + 1 :] == rest for a in per_step) and (
+            sum(a.shape[axis] for a in per_step) == shape[axis]
+        ):
+            return np.concatenate(per_step, axis)
+    return None
+
+
+def at_real_positions(
+    actual: np.ndarray, expected: np.ndarray, attention_mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """An output's values at the real (unpadded) positions: logits or hidden states [batch,
+    sequence, features] and keys or values [batch, heads, sequence, head dim]. A padded position
+    attends to nothing, and what a model computes there (a fully masked softmax) depends on the
+    sequence's length, so it differs between one pass and the steps; no real position ever reads
+    it. Anything else (a state-space model's state) is compared whole."""
+    real = attention_mask.astype(bool)
+    if actual.shape != expected.shape:
+        return actual, expected  # `compare` reports the shapes
+    if expected.ndim == 3 and expected.shape[:2] == real.shape:
+        return actual[real], expected[real]
+    if expected.ndim == 4 and (expected.shape[0], expected.shape[2]) == real.shape:
+        return np.moveaxis(actual, 2, 1)[real], np.moveaxis(expected, 2, 1)[real]
+    return actual, expected
 
 
 def verify_block_group(
