@@ -475,9 +475,10 @@ def seq2seq_example(model: nn.Module, component: str, run: Callable):
     batch, seq, past, source = EXAMPLE_BATCH, 3, EXAMPLE_PAST, EXAMPLE_SEQUENCE
     hidden = getattr(config, "d_model", None) or config.hidden_size
     speech = "input_features" in inspect.signature(model.get_encoder().forward).parameters
+    dtype = float_dtype(model)  # the encoder's output: the model's own precision
     probe = {
         "input_ids": torch.zeros(1, 2, dtype=torch.int64),
-        "encoder_hidden_states": torch.zeros(1, 3, hidden),
+        "encoder_hidden_states": torch.zeros(1, 3, hidden, dtype=dtype),
     }
     layers = run(model, probe)["present"]
     kwargs: dict[str, Any] = {
@@ -487,7 +488,7 @@ def seq2seq_example(model: nn.Module, component: str, run: Callable):
     if not speech:
         kwargs["encoder_attention_mask"] = torch.ones(batch, source, dtype=torch.int64)
         axes["encoder_attention_mask"] = {0: "batch_size", 1: "encoder_sequence_length"}
-    kwargs["encoder_hidden_states"] = torch.randn(batch, source, hidden, generator=generator)
+    kwargs["encoder_hidden_states"] = torch.randn(batch, source, hidden, generator=generator).to(dtype)
     axes["encoder_hidden_states"] = {0: "batch_size", 1: "encoder_sequence_length"}
     if component == "decoder_with_past":
 
@@ -576,6 +577,11 @@ def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Si
     return kwargs, axes
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point weights (bf16 for a bf16 checkpoint)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[int, str]]] | None:
     """Example inputs generated from the model's config, and their dynamic axes: images
     (``pixel_values``, batch dynamic) for a vision model, token ids (with an attention mask when
@@ -593,7 +599,9 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
     axes: dict[str, dict[int, str]] = {}
     if "input_features" in accepted and isinstance(mel_bins, int) and isinstance(frames, int):
         # speech: log-mel features of the full window the encoder's positions cover
-        kwargs["input_features"] = torch.randn(EXAMPLE_BATCH, mel_bins, 2 * frames, generator=generator)
+        # in the model's precision, as its convolutions take them (no cast inside, unlike pixels)
+        features = torch.randn(EXAMPLE_BATCH, mel_bins, 2 * frames, generator=generator)
+        kwargs["input_features"] = features.to(float_dtype(model))
         axes["input_features"] = {0: "batch_size"}
     elif vocab:
         kwargs["input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)

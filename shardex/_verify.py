@@ -853,9 +853,6 @@ class _StoredWeight:
     shape: tuple[int, ...]
 
 
-_WRITTEN_UPCAST_BYTES = 4096  # upcast weights up to this size go into the segment's model
-
-
 class _Segment:
     """A run of main-graph nodes as a standalone model over the file's own weight references.
     A segment that is one block call (`block`: its path) keeps every output of the call, and
@@ -915,22 +912,14 @@ class _Segment:
 
     def open(self, feeds: dict[str, np.ndarray], upcasts: _Upcasts, *, basic: bool = False):
         """A session on this segment, its input types taken from the arrays fed (promotion
-        changed some), its weights resolved in `upcasts`' export directory. Upcast weights are
-        given to ONNX Runtime as values, except small ones, written into the model: its graph
-        optimizers read a small constant (Gemma's scalar ``embed_scale``) from the model itself,
-        before any given value replaces it, and failed on a float32 declaration over 2 stored
-        bytes."""
+        changed some), its weights resolved in `upcasts`' export directory."""
         for value_info in self.proto.graph.input:
-            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
-                feeds[value_info.name].dtype
-            )
-        given = upcasts.values(self.upcast)
-        for proto in self.proto.graph.initializer:
-            value = given.get(proto.name)
-            if value is not None and value.nbytes <= _WRITTEN_UPCAST_BYTES:
-                proto.CopyFrom(onnx.numpy_helper.from_array(given.pop(proto.name).numpy(), proto.name))
+            if value_info.name in feeds:
+                value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                    feeds[value_info.name].dtype
+                )
         model = self.proto.SerializeToString()
-        return session(model, upcasts.output_dir, basic=basic, initializers=given)
+        return session(model, upcasts.output_dir, basic=basic, initializers=upcasts.values(self.upcast))
 
     def block_feeds(self, data: list[np.ndarray]) -> dict[str, np.ndarray]:
         """The block call's inputs from `data`, its recorded inputs in call order."""
@@ -966,6 +955,11 @@ def _promote_initializers(graph: onnx.GraphProto, initializers: list[ir.Value]) 
                 )
             )
             proto.data_type = onnx.TensorProto.FLOAT  # ONNX Runtime takes the upcast values instead
+            # Also an input: an overridable initializer, which ONNX Runtime's graph optimizers
+            # never read from the model (they would find 2 stored bytes per declared float).
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(proto.name, onnx.TensorProto.FLOAT, proto.dims)
+            )
         else:
             array = value.const_value.numpy().astype(np.float32)
             graph.initializer[index].CopyFrom(onnx.numpy_helper.from_array(array, proto.name))

@@ -59,6 +59,44 @@ def test_family_exports_and_matches_transformers(arch, tmp_path):
         assert np.abs(actual - expected).max() <= ATOL, (batch, seq)
 
 
+# Each a way a bf16 export failed verification on CPU: ONNX Runtime's graph optimizers reading
+# a promoted weight from the model (Mixtral's expert weights folded, ViT's patch convolution
+# fused), float32 example inputs for bf16 convolutions and encoder states (Whisper, T5).
+BF16_REPRESENTATIVE = {"mixtral", "vit", "whisper"}
+BF16_FAILING = {"gptj": "logits differ by 1.7e-4 from PyTorch's float32 run (atol 1e-4); blocks pass"}
+
+
+def bf16_cases() -> list:
+    return [
+        pytest.param(
+            arch,
+            id=arch.name,
+            marks=[
+                *(() if arch.name in BF16_REPRESENTATIVE else [pytest.mark.slow]),
+                *(
+                    [pytest.mark.xfail(reason=BF16_FAILING[arch.name], strict=True)]
+                    if arch.name in BF16_FAILING
+                    else []
+                ),
+            ],
+        )
+        for arch in ARCHITECTURES
+    ]
+
+
+@pytest.mark.parametrize("arch", bf16_cases())
+def test_bf16_family_is_verified_on_cpu(arch, tmp_path):
+    """A bf16 checkpoint (as most are published) exports and passes verification on a CPU,
+    where ONNX Runtime runs it as a float32-promoted graph."""
+    ckpt = tmp_path / "ckpt"
+    arch.build().to(torch.bfloat16).save_pretrained(ckpt)
+    out = tmp_path / "out"
+    shardex.export(ckpt, out, verify_tokens=4)
+
+    manifest = shardex.load_manifest(out)
+    assert manifest["verification"]["passed"] and "float32-promoted" in manifest["verification"]["method"]
+
+
 def _run_export(out, manifest: dict, inputs: dict[str, np.ndarray]) -> np.ndarray:
     """The export's first output for the model's own inputs: a decoder's first step (an empty
     past); an encoder-decoder's encoder, then its decoder's first step over all the decoder's
