@@ -63,7 +63,12 @@ def test_family_exports_and_matches_transformers(arch, tmp_path):
 # a promoted weight from the model (Mixtral's expert weights folded, ViT's patch convolution
 # fused), float32 example inputs for bf16 convolutions and encoder states (Whisper, T5).
 BF16_REPRESENTATIVE = {"mixtral", "vit", "whisper"}
-BF16_FAILING = {"gptj": "logits differ by 1.7e-4 from PyTorch's float32 run (atol 1e-4); blocks pass"}
+# torch.onnx writes a Python scalar multiplying a bf16 tensor as a bf16 constant: GPT-J's
+# gelu_new holds sqrt(2/pi) as 0.796875 and 0.044715 as 0.044678, which PyTorch's bf16 kernels
+# apply unrounded (in float32); the float32-promoted check sees 1.7e-4 at the logits.
+BF16_FAILING = {
+    "gptj": "gelu_new's scalars are bf16 constants in the graph (torch.onnx); logits off by 1.7e-4"
+}
 
 
 def bf16_cases() -> list:
