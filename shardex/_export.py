@@ -913,8 +913,8 @@ def _verify(
     check per block. A generation export with `new_tokens` is verified by decoding through its
     cache (`_generation`): PyTorch's one pass over a prompt and fed tokens is the reference of
     every check. Otherwise the reference is one pass on the verification inputs. On one machine
-    the block checks ride on ONNX Runtime's pass (a block's segment runs its check), so every
-    weight is read and upcast once for ONNX Runtime; on a cluster, or for an inlined
+    the block checks ride on ONNX Runtime's pass (a block is checked on what it computed there,
+    `chained_block_check`), so every weight is read and upcast once for ONNX Runtime; on a cluster, or for an inlined
     ``model.onnx`` (no block calls), they are tasks of their own, spread over the nodes.
     `program` is the stitched model in function form (before any inlining): those tasks call
     its functions."""

@@ -475,7 +475,7 @@ def seq2seq_example(model: nn.Module, component: str, run: Callable):
     batch, seq, past, source = EXAMPLE_BATCH, 3, EXAMPLE_PAST, EXAMPLE_SEQUENCE
     hidden = getattr(config, "d_model", None) or config.hidden_size
     speech = "input_features" in inspect.signature(model.get_encoder().forward).parameters
-    dtype = float_dtype(model)  # the encoder's output: the model's own precision
+    dtype = _float_dtype(model)  # the encoder's output: the model's own precision
     probe = {
         "input_ids": torch.zeros(1, 2, dtype=torch.int64),
         "encoder_hidden_states": torch.zeros(1, 3, hidden, dtype=dtype),
@@ -577,7 +577,7 @@ def generation_example(model: nn.Module, layout: list[tuple[torch.Size, torch.Si
     return kwargs, axes
 
 
-def float_dtype(model: nn.Module) -> torch.dtype:
+def _float_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's floating-point weights (bf16 for a bf16 checkpoint)."""
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
@@ -601,7 +601,7 @@ def default_inputs(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
         # speech: log-mel features of the full window the encoder's positions cover
         # in the model's precision, as its convolutions take them (no cast inside, unlike pixels)
         features = torch.randn(EXAMPLE_BATCH, mel_bins, 2 * frames, generator=generator)
-        kwargs["input_features"] = features.to(float_dtype(model))
+        kwargs["input_features"] = features.to(_float_dtype(model))
         axes["input_features"] = {0: "batch_size"}
     elif vocab:
         kwargs["input_ids"] = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQUENCE), generator=generator)

@@ -913,11 +913,10 @@ class _Segment:
     def open(self, feeds: dict[str, np.ndarray], upcasts: _Upcasts, *, basic: bool = False):
         """A session on this segment, its input types taken from the arrays fed (promotion
         changed some), its weights resolved in `upcasts`' export directory."""
-        for value_info in self.proto.graph.input:
-            if value_info.name in feeds:
-                value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
-                    feeds[value_info.name].dtype
-                )
+        for value_info in self.proto.graph.input[: len(self.input_names)]:  # the weights follow
+            value_info.type.tensor_type.elem_type = onnx.helper.np_dtype_to_tensor_dtype(
+                feeds[value_info.name].dtype
+            )
         model = self.proto.SerializeToString()
         return session(model, upcasts.output_dir, basic=basic, initializers=upcasts.values(self.upcast))
 

@@ -298,20 +298,16 @@ def test_global_check_streams_the_saved_file_in_segments(tmp_path):
     assert "\n" not in failure.error
 
 
-def test_block_checks_ride_on_the_segmented_pass(tmp_path, monkeypatch):
+def test_block_checks_ride_on_the_segmented_pass(tmp_path, reruns_on_recorded_inputs):
     """A promoted (bf16) export runs in segments with each block call a segment of its own: a
     block is checked on what it computed in the global step, and only a block failing there
     runs again, on PyTorch's recorded inputs, in the same session: a damaged weight is pinned to
     its block, not to the blocks after it that were fed its error."""
     from shardex._export import plan_export
     from shardex._source import resolve_source
-    from shardex._verify import _Segment, reference_run, verify_global
+    from shardex._verify import reference_run, verify_global
 
-    rerun = []
-    check_on_recorded_inputs = _Segment.check
-    monkeypatch.setattr(
-        _Segment, "check", lambda self, *a: rerun.append(self.block) or check_on_recorded_inputs(self, *a)
-    )
+    rerun = reruns_on_recorded_inputs
 
     ckpt = models.make_llama(tmp_path / "ckpt", layers=3, dtype=torch.bfloat16)
     out = tmp_path / "out"

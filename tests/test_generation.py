@@ -131,7 +131,7 @@ def test_a_present_the_steps_misread_fails_decoding_not_the_prompt(tmp_path):
     assert not any(name.startswith("model.layers.") for name in failed)
 
 
-def test_blocks_are_checked_on_what_they_computed_in_the_steps(tmp_path, monkeypatch):
+def test_blocks_are_checked_on_what_they_computed_in_the_steps(tmp_path, reruns_on_recorded_inputs):
     """A bf16 export is verified in segments, every step through a block's session before the
     next block's opens. Each block is checked on its outputs in those steps (prompt, one token,
     the rest: laid end to end, the cache after the last; real positions only, which a sliding
@@ -141,7 +141,6 @@ def test_blocks_are_checked_on_what_they_computed_in_the_steps(tmp_path, monkeyp
     from shardex._export import VERIFY_GROWTH, plan_export
     from shardex._generation import reference_generation, verify_saved_model
     from shardex._source import resolve_source
-    from shardex._verify import _Segment
     from tests.test_export import corrupt_tensor
 
     ckpt = save_hf(build("gemma2").to(torch.bfloat16), tmp_path / "ckpt")
@@ -149,11 +148,7 @@ def test_blocks_are_checked_on_what_they_computed_in_the_steps(tmp_path, monkeyp
     shardex.export(ckpt, out, verify=False)
     plan, memory = plan_export(resolve_source(ckpt), shardex.load_manifest(out)["options"], None, None, None)
     reference = reference_generation(plan, memory, plan.example.resized(VERIFY_GROWTH), 8)
-    rerun = []
-    check_on_recorded_inputs = _Segment.check
-    monkeypatch.setattr(
-        _Segment, "check", lambda self, *a: rerun.append(self.block) or check_on_recorded_inputs(self, *a)
-    )
+    rerun = reruns_on_recorded_inputs
 
     def check() -> tuple[list, object, list]:
         return verify_saved_model(plan, str(out), reference, 1e-4, 1e-3, True, reference.boundaries)
