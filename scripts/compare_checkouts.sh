@@ -7,7 +7,10 @@
 #   git worktree add /tmp/old <commit>
 #   bash scripts/compare_checkouts.sh /tmp/old . demo 4
 #   bash scripts/compare_checkouts.sh /tmp/old . 70b-sparse 2 --zero-copy
+#   VERIFY=1 bash scripts/compare_checkouts.sh /tmp/old . 6.7b-bf16 2   # + `shardex verify` of each export
 #
+# With VERIFY=1 each export is also verified by the same checkout (`shardex verify`), the
+# checkpoint read into the page cache first as scripts/bench.py does; its wall time is printed.
 # Both checkouts run with this checkout's .venv; checkpoints come from bench-cache/ (scripts/bench.py).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -31,5 +34,12 @@ captures = {k: round(v, 1) for k, v in m["capture_seconds"].items()}
 peak = m["peak_memory"]["total_pss_bytes"] / 1e9
 print(f"{side}: export {m['timings']['total']:.2f} s, wall {end - start:.2f} s, captures {captures}, peak {peak:.2f} GB")
 PY
+    if [[ -n "${VERIFY:-}" ]]; then
+      cat "$here/bench-cache/$case_name"/* >/dev/null; sync; sleep 3
+      start=$(date +%s.%N)
+      (cd "$side" && "$python" -m shardex verify "$work/out" --quiet >/dev/null)
+      end=$(date +%s.%N)
+      echo "$side: verify wall $(echo "$end - $start" | bc) s"
+    fi
   done
 done

@@ -130,7 +130,7 @@ def export(
     `zero_copy` writes no weight copies: the external data points into the source safetensors
     files, hard-linked into `output_dir` (which must be on the same filesystem); see DESIGN.md
     for the trade-offs.
-    `resume` continues an export that was killed: shards already written whose sha256 matches
+    `resume` continues an export that was killed: shards already written whose digest matches
     are kept; an output directory holding another model's export is refused.
     `capture_cache` keeps captured pieces (weightless graphs) for later exports of the same
     architecture with the same options: True uses ``$SHARDEX_CAPTURE_CACHE`` or
@@ -446,7 +446,7 @@ def verify(
     capture_cache: bool | str | os.PathLike = True,
 ) -> VerificationReport:
     """Re-verify a finished export against its source: ``model.onnx``'s sha256, ONNX Runtime on
-    the saved files vs PyTorch globally and per block, the shards' sha256. Updates the manifest;
+    the saved files vs PyTorch globally and per block, the shards' digests. Updates the manifest;
     raises `VerificationError` on failure.
 
     The manifest is data, never a reason to run code: a factory export is verified only with
@@ -543,7 +543,9 @@ def verify(
                 )
         hash_shards()
         report.shard_hash_mismatches = [
-            s["file"] for s, digest in zip(manifest["shards"], hashes) if digest.result() != s["sha256"]
+            s["file"]
+            for s, digest in zip(manifest["shards"], hashes)
+            if digest.result() != _output.recorded_digest(s)
         ]
     finally:
         for digest in hashes:  # a failed verification does not wait for them

@@ -35,13 +35,13 @@ from shardex._errors import OptionsError
 from shardex._files import fsync_directory, write_atomic
 from shardex._layout import is_runtime_file
 from shardex._tasks import SEQ2SEQ_COMPONENTS
-from shardex._weights import ShardResult, file_sha256, header_sha256
+from shardex._weights import ShardResult, file_digest, file_sha256, header_sha256
 
 logger = logging.getLogger("shardex")
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "shardex/1"
+MANIFEST_FORMAT = "shardex/2"  # 2: shards record "digest" ("blake3:<hex>"); 1 recorded "sha256"
 INPUTS_FILE = "inputs.safetensors"
 JOURNAL_FILE = ".journal.json"
 TIMELINE_FILE = "timeline.json"
@@ -298,12 +298,12 @@ def reusable_shards(out: str, plan, fingerprint: str) -> dict[str, ShardResult]:
     planned = {s.file for s in plan.shards}
     candidates = []
     for record in previous.get("shards", []):
-        result = ShardResult(**record)
+        result = ShardResult(**shard_record(record))
         path = file_in(out, result.file, named_by=os.path.join(out, name))
         if result.file in planned and os.path.isfile(path):
             candidates.append((result, record))
     hashes = shard_hashes(out, [record for _, record in candidates])
-    return {r.file: r for (r, _), digest in zip(candidates, hashes) if digest.result() == r.sha256}
+    return {r.file: r for (r, _), digest in zip(candidates, hashes) if digest.result() == r.digest}
 
 
 def model_files(manifest: dict) -> list[dict]:
@@ -320,23 +320,40 @@ def model_sha256(out: str, file: str = MODEL_FILE) -> str | None:
 
 def shard_hashes(out: str, shards: list[dict], threads: int | None = None) -> list[concurrent.futures.Future]:
     """Hash `shards` (manifest entries) in background threads, `threads` of them (default one
-    per CPU): hashlib and reads release the GIL, so a 13 GB export hashes at the speed of all
-    cores, beside other work. One future per shard, giving its hash (None for a missing file)."""
+    per CPU): the hashes and reads release the GIL, so a 13 GB export hashes at the speed of all
+    cores, beside other work. One future per shard, giving its digest by the algorithm its entry
+    records (None for a missing file), to compare with `recorded_digest`."""
     pool = concurrent.futures.ThreadPoolExecutor(
         threads or max(1, min(len(shards), os.cpu_count() or 1)), thread_name_prefix="shardex-hash"
     )
-    futures = [pool.submit(shard_sha256, out, shard) for shard in shards]
+    futures = [pool.submit(shard_digest, out, shard) for shard in shards]
     pool.shutdown(wait=False)
     return futures
 
 
-def shard_sha256(out: str, shard: dict) -> str | None:
-    """A shard's hash as the manifest records it: of its header for a zero-copy link (its data
-    is the source's), else of the whole file (None when it is missing)."""
+def shard_digest(out: str, shard: dict) -> str | None:
+    """A shard's digest as the manifest records it: of its header for a zero-copy link (its
+    data is the source's), else of the whole file, by the entry's algorithm (None when the file
+    is missing)."""
     path = file_in(out, shard["file"], named_by=os.path.join(out, MANIFEST_FILE))
     if not os.path.isfile(path):
         return None
-    return header_sha256(path) if shard.get("hashed") == "header" else file_sha256(path)
+    if shard.get("hashed") == "header":
+        return "sha256:" + header_sha256(path)
+    return file_digest(path, recorded_digest(shard).partition(":")[0])
+
+
+def recorded_digest(shard: dict) -> str:
+    """A manifest or journal entry's digest, ``"<algorithm>:<hex>"``; entries written before
+    shards were hashed with BLAKE3 (format ``shardex/1``) record a plain ``sha256``."""
+    return shard["digest"] if "digest" in shard else "sha256:" + shard["sha256"]
+
+
+def shard_record(entry: dict) -> dict:
+    """A journal or manifest shard entry as `ShardResult`'s fields (an old entry's ``sha256``
+    becomes its ``digest``; the manifest's ``tensors`` count is not a field)."""
+    fields = {f.name for f in dataclasses.fields(ShardResult)}
+    return {k: v for k, v in entry.items() if k in fields} | {"digest": recorded_digest(entry)}
 
 
 # --- manifest ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import html
 import math
 import os
 
-from shardex._output import REPORT_FILE, load_manifest, model_files, write_atomic
+from shardex._output import REPORT_FILE, load_manifest, model_files, recorded_digest, write_atomic
 
 STAGES = [
     ("plan", "plan"),
@@ -67,7 +67,10 @@ def summarize(manifest: dict, output_dir: str) -> dict:
         "bytes": total_bytes(manifest),
         "model": {**manifest["model"], "path": os.path.join(out, manifest["model"]["file"])},
         "models": [m | {"path": os.path.join(out, m["file"])} for m in model_files(manifest)],
-        "shards": [{k: s[k] for k in ("file", "nbytes", "sha256")} for s in manifest["shards"]],
+        "shards": [
+            {"file": s["file"], "nbytes": s["nbytes"], "digest": recorded_digest(s)}
+            for s in manifest["shards"]
+        ],
         "timings": manifest["timings"],
         "max_abs_diff": worst_output_diff(manifest),
         "verification": manifest["verification"],
@@ -162,7 +165,7 @@ def _verification_lines(verification: dict | None) -> list[str]:
             f"{_diffs(generation['prefill'])}; decode logits {_diffs(generation['decode'])}"
         )
     if verification["shard_hash_mismatches"]:
-        lines.append(f"              sha256 changed: {', '.join(verification['shard_hash_mismatches'])}")
+        lines.append(f"              digest changed: {', '.join(verification['shard_hash_mismatches'])}")
     return lines
 
 
@@ -292,7 +295,7 @@ def _verification_html(verification: dict | None) -> str:
         parts.append(_checks_table([generation["prefill"], generation["decode"]]))
     if verification["shard_hash_mismatches"]:
         names = ", ".join(_e(n) for n in verification["shard_hash_mismatches"])
-        parts.append(f"<p class='fail'>Files whose sha256 changed since the export: {names}</p>")
+        parts.append(f"<p class='fail'>Files whose digest changed since the export: {names}</p>")
     blocks = verification["blocks"]
     if blocks:
         parts.append(
@@ -396,7 +399,7 @@ def _shards_table(manifest: dict) -> str:
             human_bytes(s["nbytes"]),
             str(s["tensors"]),
             f"{s['seconds']:.2f} s",
-            f"<code>{_e(s['sha256'][:16])}</code>",
+            f"<code>{_e(recorded_digest(s)[:23])}</code>",
         ]
         for s in manifest["shards"]
     ]
@@ -406,11 +409,11 @@ def _shards_table(manifest: dict) -> str:
             human_bytes(model["bytes"]),
             "",
             "",
-            f"<code>{_e(model['sha256'][:16])}</code>",
+            f"<code>sha256:{_e(model['sha256'][:16])}</code>",
         ]
         for model in model_files(manifest)
     ]
-    return _table(["file", "size", "tensors", "written in", "sha256"], rows, numeric=(1, 2, 3))
+    return _table(["file", "size", "tensors", "written in", "digest"], rows, numeric=(1, 2, 3))
 
 
 def _key_values(values: dict) -> str:

@@ -76,7 +76,7 @@ class VerificationReport:
     outputs: list[CheckResult]
     blocks: list[CheckResult]
     seconds: float = 0.0
-    # files of the export (shards, model.onnx) whose sha256 differs from the manifest's
+    # files of the export (shards, model.onnx) whose digest differs from the manifest's
     shard_hash_mismatches: list[str] = dataclasses.field(default_factory=list)
     generation: Any = None  # a `_generation.GenerationCheck` for generation exports
 
@@ -1150,7 +1150,7 @@ def verify_block_group(
 
 def format_failure(report: VerificationReport) -> str:
     hashes = (
-        f"; {', '.join(report.shard_hash_mismatches)} no longer match(es) its sha256 in the manifest "
+        f"; {', '.join(report.shard_hash_mismatches)} no longer match(es) its digest in the manifest "
         "(changed since the export)"
         if report.shard_hash_mismatches
         else ""

@@ -12,7 +12,10 @@ A tensor transformers assembles from several checkpoint tensors (fused MoE exper
 `_conversions`) is written piece by piece at the offsets the plan computed, the same way; a
 transposed piece is read one slice at a time (at most the piece), permuted and written.
 A shard is written under a hidden temporary name, fsynced, hashed and renamed: a final name
-always holds a complete shard.
+always holds a complete shard. Its digest is BLAKE3 (`SHARD_DIGEST`), not sha256: both are
+256-bit cryptographic hashes, and BLAKE3 hashes 4.5 x faster on one core of the bench machine
+(5.5 against 1.2 GB/s, SHA-NI included), which every export and every `shardex verify` pays once
+per byte written (13.5 GB at 6.7B bf16: ~2.5 instead of ~11 core-seconds).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import itertools
 import os
 import time
 
+import blake3
 import torch
 
 from shardex._conversions import Assembly, Piece
@@ -34,12 +38,15 @@ from shardex._source import TensorLocation
 
 CHUNK_BYTES = 16 << 20  # bounds a writer's buffers; larger chunks were not faster
 
+SHARD_DIGEST = "blake3"  # a shard's digest, recorded as "blake3:<hex>"; older manifests: "sha256"
+_HASHES = {"blake3": blake3.blake3, "sha256": hashlib.sha256}
+
 
 @dataclasses.dataclass
 class ShardResult:
     file: str
     nbytes: int
-    sha256: str
+    digest: str  # "<algorithm>:<hex>", of the file (or of the linked file's header)
     seconds: float
     hashed: str = "file"  # "header" for a zero-copy link: its data is not read
     link_target: str | None = None
@@ -68,7 +75,8 @@ def write_shard(
                         _copy_piece(fd, entry, piece)
                 else:
                     _copy_tensor(fd, entry, entry.source)
-            digest = _sha256(fd)  # while the kernel already writes back: fsync then waits less
+            # while the kernel already writes back: fsync then waits less
+            digest = f"{SHARD_DIGEST}:{_hexdigest(fd, SHARD_DIGEST)}"
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -101,7 +109,7 @@ def link_shard(shard: ShardSpec, output_dir: str) -> ShardResult:
             shard=shard.file,
         ) from e
     os.replace(partial, os.path.join(output_dir, shard.file))
-    digest = header_sha256(shard.link_target)
+    digest = "sha256:" + header_sha256(shard.link_target)
     return ShardResult(
         shard.file, shard.size, digest, time.perf_counter() - start, "header", shard.link_target
     )
@@ -265,8 +273,10 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
-def _sha256(fd: int) -> str:
-    digest = hashlib.sha256()
+def _hexdigest(fd: int, algorithm: str) -> str:
+    """The file's hash by `algorithm` (a key of `_HASHES`), read in chunks; both hashes release
+    the GIL, so it runs beside other threads' work."""
+    digest = _HASHES[algorithm]()
     buffer = memoryview(bytearray(CHUNK_BYTES))
     offset = 0
     while n := os.preadv(fd, [buffer], offset):
@@ -275,9 +285,15 @@ def _sha256(fd: int) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str) -> str:
+def file_digest(path: str, algorithm: str = SHARD_DIGEST) -> str:
+    """A file's digest as a manifest records it, ``"<algorithm>:<hex>"``."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        return _sha256(fd)
+        return f"{algorithm}:{_hexdigest(fd, algorithm)}"
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """The plain hex sha256 of a small file (``model.onnx``: what `sha256sum` prints)."""
+    return file_digest(path, "sha256").removeprefix("sha256:")

@@ -6,6 +6,7 @@ local Ray, a few seconds on a small machine).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -107,7 +108,7 @@ def test_corrupt_shard_fails_verification_with_exit_1(llama_export, tmp_path):
 
     assert result.returncode == 1, result.stderr
     assert error_lines(result)[-1].startswith("shardex: error: verification failed")
-    assert f"sha256 changed: {name}" in result.stdout
+    assert f"digest changed: {name}" in result.stdout
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["status"] == "verification_failed"
     assert "FAILED" in (copy / "report.html").read_text()
@@ -202,3 +203,32 @@ def test_help_documents_flags_and_exit_codes():
 def test_console_script_is_installed():
     script = shutil.which("shardex", path=os.path.dirname(sys.executable))
     assert script, "pip install -e . installs the `shardex` console script"
+
+
+def test_manifest_with_sha256_shard_digests_still_verifies_and_resumes(llama_export, tmp_path):
+    """Exports written before shards were hashed with BLAKE3 record a plain ``sha256`` per shard:
+    verify checks them by sha256 (and still catches a changed shard), resume keeps them."""
+    out, result, _ = llama_export
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        entry.pop("digest")
+        entry["sha256"] = hashlib.sha256((copy / entry["file"]).read_bytes()).hexdigest()
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+
+    assert shardex("verify", copy).returncode == 0
+
+    resumed = shardex("export", result["source"]["location"], copy, "--max-shard-size", "200KB", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert sorted(manifest["reused_shards"]) == sorted(s["file"] for s in manifest["shards"])
+    assert all(s["digest"].startswith("sha256:") for s in manifest["shards"])
+
+    shard = copy / manifest["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[100:104] = b"\xff\x7f\xff\x7f"
+    shard.write_bytes(bytes(data))
+    failed = shardex("verify", copy)
+    assert failed.returncode == 1, failed.stderr
+    assert f"digest changed: {shard.name}" in failed.stdout

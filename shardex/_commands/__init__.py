@@ -25,7 +25,7 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = """\
 exit codes:
   0    success
-  1    verification failed: ONNX Runtime disagrees with PyTorch or a shard's sha256 changed
+  1    verification failed: ONNX Runtime disagrees with PyTorch or a shard's digest changed
        (zoo: at least one model did not finish; see its summary)
   2    bad input or usage: missing path, not a checkpoint, bad flag value, bad manifest
   3    internal failure: capture, weight streaming or stitching failed, or a bug in shardex

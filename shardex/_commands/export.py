@@ -230,7 +230,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     existing.add_argument(
         "--resume",
         action="store_true",
-        help="finish an export that was killed: shards already written to OUT whose sha256 still "
+        help="finish an export that was killed: shards already written to OUT whose digest still "
         "matches are kept (an export of another model or with other options is refused)",
     )
     add_output_flags(

@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from shardex._commands import EXIT_CODES_HELP, EXIT_OK, UsageError, add_output_flags, load_export, print_json
 from shardex._dtypes import onnx_type_name
-from shardex._output import model_files
+from shardex._output import model_files, recorded_digest
 from shardex._report import SOURCE_KINDS, human_bytes, worst_output_diff
 
 EXAMPLES = """\
@@ -79,7 +79,7 @@ def describe(models: list[tuple[dict, onnx.ModelProto]], manifest: dict, output_
                 "file": s["file"],
                 "bytes": s["nbytes"],
                 "tensors": len(tensors[s["file"]]),
-                "sha256": s["sha256"],
+                "digest": recorded_digest(s),
                 "present": _present(os.path.join(output_dir, s["file"]), s["nbytes"]),
             }
             for s in manifest["shards"]
@@ -169,7 +169,7 @@ def format_description(d: dict) -> str:
     lines += _labelled(
         "shards",
         [
-            f"{s['file']}  {human_bytes(s['bytes']):>9}  {s['tensors']:>4} tensors  sha256 {s['sha256'][:16]}"
+            f"{s['file']}  {human_bytes(s['bytes']):>9}  {s['tensors']:>4} tensors  {s['digest'][:23]}"
             + ("" if s["present"] else "  MISSING or wrong size")
             for s in d["shards"]
         ],

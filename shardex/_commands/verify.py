@@ -22,8 +22,9 @@ examples:
 Checks model.onnx's sha256 against the manifest, runs the source model in PyTorch and the saved
 files in ONNX Runtime (which resolves every weight reference itself) on the example inputs saved
 with the export (grown along their dynamic axes), comparing the outputs and each block's outputs,
-and checks every shard's sha256. The manifest and report are updated. Code is imported only when
-named on this command line (--factory, --trust-remote-code), never because the manifest says so."""
+and checks every shard's digest (BLAKE3; sha256 in older manifests). The manifest and report are
+updated. Code is imported only when named on this command line (--factory, --trust-remote-code),
+never because the manifest says so."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
