@@ -35,7 +35,7 @@ from shardex._errors import OptionsError
 from shardex._files import fsync_directory, write_atomic
 from shardex._layout import is_runtime_file
 from shardex._tasks import SEQ2SEQ_COMPONENTS
-from shardex._weights import ShardResult, file_digest, file_sha256, header_sha256
+from shardex._weights import ShardResult, file_digest, file_sha256, header_sha256, link_digest
 
 logger = logging.getLogger("shardex")
 
@@ -339,7 +339,7 @@ def shard_digest(out: str, shard: dict) -> str | None:
     if not os.path.isfile(path):
         return None
     if shard.get("hashed") == "header":
-        return "sha256:" + header_sha256(path)
+        return link_digest(path)
     return file_digest(path, recorded_digest(shard).partition(":")[0])
 
 
